@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command (DESIGN.md 5), for a lent CUDA machine:
+#   bash benchmarks/gpu_suite.sh OUTDIR
+# builds the extension for this GPU, runs the test suite (CUDA cases included), runs every
+# benchmark, and writes logs + JSON + markdown into OUTDIR, ending with a summary table.
+# Budget: 8 minutes on an H100. Needs no network (diffusers-based tests skip without it).
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+
+cc=$(python -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}')")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cc} MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+stamp "building for sm_${cc/./} ..."
+if ! python setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; stamp "BUILD FAILED"; exit 1
+fi
+python -m diffkernels info | tee "$OUT/info.txt"
+
+stamp "tests ..."
+timeout 200 python -m pytest -q -x -p no:cacheprovider tests --junitxml="$OUT/tests.xml" \
+  > "$OUT/tests.log" 2>&1
+test_rc=$?
+tail -5 "$OUT/tests.log"
+
+stamp "benchmarks ..."
+timeout 240 python -m diffkernels bench --device cuda --out "$OUT/results" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+
+stamp "summary"
+python - "$OUT" <<'PY'
+import glob, json, os, statistics, sys
+out = sys.argv[1]
+print(f"{'op':16} {'provider':22} {'rows':>4} {'median ratio':>12} {'median %roof':>12}")
+for path in sorted(glob.glob(os.path.join(out, "results", "*.json"))):
+    rows = json.load(open(path))["rows"]
+    for prov in sorted({r["provider"] for r in rows}):
+        rs = [r for r in rows if r["provider"] == prov]
+        ratios = [r["ratio"] for r in rs if r.get("ratio")]
+        roof = [r.get("pct_copy_bw") or r.get("pct_matmul") for r in rs]
+        roof = [x for x in roof if x]
+        print(f"{rs[0]['op']:16} {prov:22} {len(rs):4} "
+              f"{statistics.median(ratios) if ratios else float('nan'):12.2f} "
+              f"{statistics.median(roof) if roof else float('nan'):12.1f}")
+PY
+stamp "done: tests rc=$test_rc, bench rc=$bench_rc; logs in $OUT"
+exit $(( test_rc != 0 || bench_rc != 0 ))
