@@ -551,9 +551,9 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
   at::MemoryFormat format = at::MemoryFormat::Contiguous;
   if (!contiguous) {
     format = x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-    TORCH_CHECK((x.dim() == 4 || x.dim() == 5) && x.is_contiguous(format), "group_norm_silu_cxx: x must be "
-                "contiguous, or channels_last (4-D) / channels_last_3d (5-D), got strides ",
-                x.strides());
+    TORCH_CHECK((x.dim() == 4 || x.dim() == 5) && x.is_contiguous(format),
+                "group_norm_silu_cxx: x must be contiguous, or channels_last (4-D) / "
+                "channels_last_3d (5-D), got strides ", x.strides());
   }
   if (x.numel() == 0) return at::empty_like(x, x.options(), format);
   if (!simd_kernels_usable())
