@@ -83,9 +83,25 @@ def run(device, dtypes=None, quick=False, batches=(1, 2, 4), compile_baseline=Tr
                                 m = u + GUIDANCE * (c - u)
                             return theirs.step(m, t, x, generator=gen)
                         providers["diffusers"] = diffusers_call
+                    # The same step with the noise drawn like the schedulers draw it, and the
+                    # math compiled: what torch.compile of a pipeline's step would give.
+                    def randn():
+                        return torch.randn(x.shape, generator=gen, device=device, dtype=dtype)
                     if compiled is not None:
-                        providers["torch.compile"] = lambda: compiled(out, x, noise, a0, a1, c0, c1,
+                        providers["torch.compile"] = lambda: compiled(out, x, randn(), a0, a1, c0, c1,
                                                                       std, GUIDANCE, cfg)
+                    # The fused op alone, noise given: the kernel without the noise draw.
+                    coeffs, mode = ours.coefficients(t, prev_t)
+                    for name in ours_backends:
+                        def op_call(name=name):
+                            with dk.backend(name):
+                                return dk.diffusion_step(out, x, coeffs, noise=noise,
+                                                         variance_mode=mode, cfg=cfg,
+                                                         guidance_scale=GUIDANCE if cfg else 1.0)
+                        providers[f"diffkernels-{name} op, noise given"] = op_call
+                    if compiled is not None:
+                        providers["torch.compile, noise given"] = lambda: compiled(
+                            out, x, noise, a0, a1, c0, c1, std, GUIDANCE, cfg)
                     # bytes: model output, sample and noise read once; prev and x0 written once
                     nbytes = (out.numel() + 4 * x.numel()) * x.element_size()
                     shape = f"{label} {b}x4x{size}x{size}" + (" cfg" if cfg else "")
@@ -108,5 +124,7 @@ def run(device, dtypes=None, quick=False, batches=(1, 2, 4), compile_baseline=Tr
 NOTES = ["DDPM, epsilon prediction, fixed_small variance, scaled_linear betas, 50 steps, t at "
          "step 25; ours = DDPMScheduler.step (host coefficients + one fused op, noise drawn from "
          "a generator like diffusers); diffusers = the pipeline's CFG combine + its step",
+         "'noise given' rows take the noise as an input (the fused op alone vs the compiled "
+         "math); the other rows draw it from a torch.Generator, as diffusers does",
          "GB/s counts model output, sample and noise read once, prev_sample and "
          "pred_original_sample written once; ratio = diffusers time / provider time"]

@@ -1,0 +1,23 @@
+"""The README's main job, `python -m diffkernels bench`: every op's benchmark runs and writes
+rows that carry the device name, a time, the derived figure and a ratio to its baseline."""
+import importlib
+import json
+
+import pytest
+
+from diffkernels import bench
+from diffkernels.bench import common
+
+
+@pytest.mark.parametrize("op", bench.OPS)
+def test_benchmark_rows(op, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "median_ms", lambda fn, device, **kw: (fn(), 1.0)[1])
+    module = importlib.import_module(f"diffkernels.bench.{op}")
+    rows = module.run("cpu", quick=True, batches=(1,), compile_baseline=False)
+    assert {r.provider for r in rows} >= {"diffkernels-cpu"}
+    for r in rows:
+        assert r.device and r.median_ms > 0 and r.gbps > 0 and r.ratio is not None, r
+    common.write_results(rows, str(tmp_path), op, op, __import__("torch").device("cpu"), module.NOTES)
+    saved = json.load(open(tmp_path / f"{op}.json"))
+    assert saved["meta"]["device"] and len(saved["rows"]) == len(rows)
+    assert (tmp_path / f"{op}.md").read_text().count("| diffkernels-cpu") >= 1
