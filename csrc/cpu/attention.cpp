@@ -1,6 +1,8 @@
 // attention_cxx on CPU: blocked flash attention (online softmax, fp32 accumulation) for
 // q [B,H,Lq,D], k/v [B,H,Lk,D] with any strides whose last-dim stride is 1.
 #include <torch/library.h>
+
+#include "cpu_features.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -304,15 +306,7 @@ namespace {
 
 bool simd_kernel_usable() {
 #ifdef DK_ATTN_AVX2
-  // ATEN_CPU_CAPABILITY=default asks ATen for its scalar kernels; follow it.
-  static const bool ok = [] {
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  return diffkernels::cpu_has_avx2_fma_f16c();
 #else
   return true;
 #endif

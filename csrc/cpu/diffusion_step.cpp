@@ -9,6 +9,8 @@
 // learned variance (channels C..2C, of the cond half with cfg) is 'that row' + n + j.
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 TORCH_LIBRARY_FRAGMENT(diffkernels, m) {
   m.def(
       "diffusion_step_cxx(Tensor model_output, Tensor sample, Tensor? noise, Tensor? threshold, "
@@ -280,15 +282,7 @@ namespace {
 
 bool simd_kernel_usable() {
 #ifdef DK_STEP_AVX2
-  // ATEN_CPU_CAPABILITY=default asks ATen for its scalar kernels; follow it.
-  static const bool ok = [] {
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  return diffkernels::cpu_has_avx2_fma_f16c();
 #else
   return true;
 #endif

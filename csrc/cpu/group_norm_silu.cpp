@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_features.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -471,15 +473,7 @@ namespace {
 
 bool simd_kernels_usable() {
 #ifdef DK_GN_AVX2
-  // ATEN_CPU_CAPABILITY=default asks ATen for its scalar kernels; follow it.
-  static const bool ok = [] {
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap != nullptr && std::strcmp(cap, "default") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  return diffkernels::cpu_has_avx2_fma_f16c();
 #else
   return true;
 #endif
