@@ -96,6 +96,12 @@ def _device_ok(name, device) -> bool:
     return device.type == "cuda"  # "cuda"
 
 
+def kernel_backends(device) -> list:
+    """The available non-reference backends that run tensors on `device`."""
+    device = torch.device(device)
+    return [b for b in available_backends() if b != "reference" and _device_ok(b, device)]
+
+
 class Dispatch:
     """The implementations of one op. Each backend registers `impl(*args)` and optionally
     `supports(*args) -> bool` for the cases it handles; `auto_order` lists the backends "auto"

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import diffkernels as dk
 from diffkernels import _backend
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -10,16 +9,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
 
 
-def kernel_backends(device):
-    """The non-reference backends that run tensors on `device` here."""
-    device = torch.device(device)
-    return [b for b in dk.available_backends()
-            if b != "reference" and _backend._device_ok(b, device)]
-
-
 def device_backend_params():
     """(device, backend) pairs to parametrise equivalence tests over."""
-    params = [(d, b) for d in DEVICES for b in kernel_backends(d)]
+    params = [(d, b) for d in DEVICES for b in _backend.kernel_backends(d)]
     return params or [pytest.param("cpu", "cpu", marks=pytest.mark.skip("C++ extension not built"))]
 
 

@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import diffkernels
 from diffkernels import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,6 +5,7 @@ import contextlib
 import torch
 
 import diffkernels as dk
+from diffkernels import _backend
 from . import common
 
 # (label, heads, Lq, Lk, D): SD1.5 at 512 px (heads 8, D = C/8), SD2.x at 768 px (D 64),
@@ -52,8 +53,7 @@ def run(device, dtypes=None, quick=False, batches=(1, 2), compile_baseline=True)
     if dtypes is None:
         dtypes = [torch.float32] if device.type == "cpu" else [torch.float16, torch.bfloat16]
     shapes = QUICK if quick else (CPU_SHAPES if device.type == "cpu" else SHAPES)
-    ours = [b for b in dk.available_backends() if b != "reference" and
-            (b == "cpu") == (device.type == "cpu")]
+    ours = _backend.kernel_backends(device)
     compiled = common.compiled(eager) if compile_baseline else None
     copy_bw = common.copy_bandwidth_gbs(str(device))
     dev_name = common.device_name(device)

@@ -4,6 +4,7 @@ eager math, on SD1.5 / SD2-768 / SDXL latents."""
 import torch
 
 import diffkernels as dk
+from diffkernels import _backend
 from diffkernels.schedulers import DDPMScheduler
 from . import common
 
@@ -39,8 +40,7 @@ def run(device, dtypes=None, quick=False, batches=(1, 2, 4), compile_baseline=Tr
         import diffusers
     except ImportError:
         diffusers = None
-    ours_backends = [b for b in dk.available_backends() if b != "reference" and
-                     (b == "cpu") == (device.type == "cpu")]
+    ours_backends = _backend.kernel_backends(device)
     compiled = common.compiled(eager_step) if compile_baseline else None
     copy_bw = common.copy_bandwidth_gbs(str(device))
     dev_name = common.device_name(device)

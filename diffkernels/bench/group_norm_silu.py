@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import diffkernels as dk
+from diffkernels import _backend
 from . import common
 
 GROUPS = 32
@@ -30,8 +31,7 @@ def run(device, dtypes=None, quick=False, batches=(1, 2), compile_baseline=True)
     shapes = QUICK if quick else SHAPES
     if device.type == "cpu" and not quick:  # the biggest VAE maps take minutes on 2 cores
         shapes = [s for s in shapes if s[1] * s[2] * s[3] <= 512 * 128 * 128]
-    ours = [b for b in dk.available_backends() if b != "reference" and
-            (b == "cpu") == (device.type == "cpu")]
+    ours = _backend.kernel_backends(device)
     compiled = common.compiled(eager) if compile_baseline else None
     copy_bw = common.copy_bandwidth_gbs(str(device))
     dev_name = common.device_name(device)
