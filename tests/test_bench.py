@@ -4,6 +4,7 @@ import importlib
 import json
 
 import pytest
+import torch
 
 from diffkernels import bench
 from diffkernels.bench import common
@@ -17,7 +18,7 @@ def test_benchmark_rows(op, tmp_path, monkeypatch):
     assert {r.provider for r in rows} >= {"diffkernels-cpu"}
     for r in rows:
         assert r.device and r.median_ms > 0 and r.gbps > 0 and r.ratio is not None, r
-    common.write_results(rows, str(tmp_path), op, op, __import__("torch").device("cpu"), module.NOTES)
+    common.write_results(rows, str(tmp_path), op, op, torch.device("cpu"), module.NOTES)
     saved = json.load(open(tmp_path / f"{op}.json"))
     assert saved["meta"]["device"] and len(saved["rows"]) == len(rows)
     assert (tmp_path / f"{op}.md").read_text().count("| diffkernels-cpu") >= 1
