@@ -1,17 +1,45 @@
 """Build diffkernels._C: CPU C++ kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
 
-Install with `pip install --no-build-isolation -e .` after torch (DESIGN.md 4.1): the extension
-must compile against the torch that is installed.
+Install with `pip install --no-build-isolation -e .` (or `pip wheel --no-build-isolation .`)
+after torch (DESIGN.md 4.1): the extension must compile against the torch that is installed.
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 import torch
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _toolkit_of_nvcc():
+    """The CUDA toolkit folder of the nvcc on PATH, as nvcc itself reports it (`_HERE_` of a dry
+    run): right even when PATH holds a wrapper script outside the toolkit, where
+    torch.utils.cpp_extension would guess the wrapper's parent folder and fail to link cudart."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    here = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    home = os.path.dirname(here.group(1).strip()) if here else None
+    return home if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) else None
+
+
+# cpp_extension reads CUDA_HOME when it is imported.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and torch.version.cuda:
+    _home = _toolkit_of_nvcc() or ("/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None)
+    if _home:
+        os.environ["CUDA_HOME"] = _home
+
+from torch.utils import cpp_extension  # noqa: E402
 
 
 def _cuda_build_possible():
@@ -54,19 +82,8 @@ def _extension():
         extra_link_args=["-fopenmp"])
 
 
+# Metadata, dependencies and extras are in pyproject.toml; this file adds the extension.
 setup(
-    name="diffkernels",
-    version="0.1.0",
-    description="Fused GPU/CPU kernels for diffusion models, as PyTorch operators",
-    packages=find_packages(include=["diffkernels", "diffkernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "diffusers", "safetensors"],
-        "clip": ["transformers"],
-    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["diffkernels=diffkernels.cli:main"]},
 )

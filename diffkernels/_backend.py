@@ -2,72 +2,89 @@
 
 Backends (DESIGN.md 4): "reference" (plain PyTorch, any device), "cpu" (C++ kernels, CPU
 tensors), "triton" (Triton kernels, CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
-"cuda" (CUDA C++ kernels). "auto" picks per device. A call the chosen backend cannot do runs
-on the reference: the same answer, never a wrong one.
+"cuda" (CUDA C++ kernels). "auto" picks per device. The choice is made in C++ (csrc/backend.cpp)
+after the op's argument checks: set_backend only tells the C++ router this thread's choice, so
+the default path costs no Python. A call the chosen backend cannot do runs on the reference:
+the same answer, never a wrong one.
 """
 import contextlib
 import functools
+import importlib.util
 import os
 import threading
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+_CODES = {"auto": 0, "reference": 1, "cpu": 2, "triton": 3, "cuda": 4}  # csrc/backend.h
 _state = threading.local()
 
 
+@functools.lru_cache(None)
 def triton_interpret() -> bool:
+    # Read once: TRITON_INTERPRET must be set before the @triton.jit functions are created.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(None)
-def extension_loaded() -> bool:
+def _load_extension():
     try:
-        import diffkernels._C  # noqa: F401  (registers the *_cxx operators)
-        return True
-    except ImportError:
-        return False
+        from . import _C
+    except ImportError as e:
+        raise ImportError(
+            "diffkernels._C (the operators) is not built; install the package with "
+            "`pip install --no-build-isolation -e .` after torch (see README.md)") from e
+    return _C
 
 
-@functools.lru_cache(None)
+_C = _load_extension()
+
+
+def extension_loaded() -> bool:
+    return True  # importing diffkernels fails without it
+
+
 def extension_has_cuda() -> bool:
-    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "diffkernels::group_norm_silu_cxx", "CUDA")
+    """Whether diffkernels._C holds the CUDA kernels (a CUDA torch and nvcc at build time)."""
+    return bool(_C.WITH_CUDA)
 
 
 @functools.lru_cache(None)
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    return importlib.util.find_spec("triton") is not None
 
 
-def available_backends() -> list:
-    """The backends that can run on this machine, in the order of BACKENDS."""
-    out = ["reference"]
-    if extension_loaded():
-        out.append("cpu")
+@functools.lru_cache(None)
+def _available() -> tuple:
+    out = ["reference", "cpu"]
     if triton_importable() and (torch.cuda.is_available() or triton_interpret()):
         out.append("triton")
     if extension_has_cuda() and torch.cuda.is_available():
         out.append("cuda")
-    return out
+    return tuple(out)
+
+
+def available_backends() -> list:
+    """The backends that can run on this machine, in the order of BACKENDS (found once)."""
+    return list(_available())
 
 
 def _check_name(name):
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
-    if name not in ("auto", "reference") and name not in available_backends():
+    if name not in ("auto", "reference") and name not in _available():
         raise RuntimeError(f"backend: {name!r} is not available here "
                            f"(available: {available_backends()}); see `python -m diffkernels info`")
+
+
+def _select(name):
+    _state.name = name
+    _C._set_backend(_CODES[name])
 
 
 def set_backend(name: str) -> None:
     """Select the backend for all ops in this thread ("auto" restores the default)."""
     _check_name(name)
-    _state.name = name
+    _select(name)
 
 
 def get_backend() -> str:
@@ -79,11 +96,11 @@ def backend(name: str):
     """`with dk.backend("triton"): ...` runs the block on one backend."""
     _check_name(name)
     previous = get_backend()
-    _state.name = name
+    _select(name)
     try:
         yield
     finally:
-        _state.name = previous
+        _select(previous)
 
 
 def _device_ok(name, device) -> bool:
@@ -99,41 +116,7 @@ def _device_ok(name, device) -> bool:
 def kernel_backends(device) -> list:
     """The available non-reference backends that run tensors on `device`."""
     device = torch.device(device)
-    return [b for b in available_backends() if b != "reference" and _device_ok(b, device)]
+    return [b for b in _available() if b != "reference" and _device_ok(b, device)]
 
 
-class Dispatch:
-    """The implementations of one op. Each backend registers `impl(*args)` and optionally
-    `supports(*args) -> bool` for the cases it handles; `auto_order` lists the backends "auto"
-    tries for CUDA tensors (the faster first, as the benchmarks show)."""
-
-    def __init__(self, op_name, auto_order_cuda=("cuda", "triton")):
-        self.op_name = op_name
-        self.auto_order_cuda = auto_order_cuda
-        self.impls = {}
-
-    def register(self, name, supports=None):
-        def deco(fn):
-            self.impls[name] = (fn, supports)
-            return fn
-        return deco
-
-    def choose(self, device, *args) -> str:
-        """The backend that will run these arguments."""
-        name = get_backend()
-        if name == "auto":
-            candidates = ("cpu",) if device.type == "cpu" else self.auto_order_cuda
-            if device.type == "cpu" and triton_interpret():
-                candidates = ("triton", "cpu")
-        else:
-            candidates = (name,)
-        avail = available_backends()
-        for cand in candidates:
-            if cand in self.impls and cand in avail and _device_ok(cand, device):
-                supports = self.impls[cand][1]
-                if supports is None or supports(*args):
-                    return cand
-        return "reference"
-
-    def __call__(self, device, *args):
-        return self.impls[self.choose(device, *args)][0](*args)
+_C._set_triton_availability("triton" in _available(), triton_interpret())

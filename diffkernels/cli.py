@@ -46,13 +46,17 @@ def bench(args):
     print(f"results written to {outdir}")
 
 
+def bench_ops():
+    from diffkernels import bench as bench_pkg
+    return bench_pkg.OPS
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m diffkernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, built extension, available backends")
     b = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and SDPA")
-    b.add_argument("--op", default="all", choices=["all", "group_norm_silu", "attention",
-                                                   "diffusion_step"])
+    b.add_argument("--op", default="all", choices=["all", *bench_ops()])
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     b.add_argument("--quick", action="store_true", help="a few shapes only")
     b.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")

@@ -44,14 +44,17 @@ def memory_format_of(x: Tensor):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
               key_padding_mask: Optional[Tensor] = None) -> Tensor:
-    """softmax(q k^T * scale + mask) v in fp32; a query with no key to attend gives zeros.
-    The output has q's strides when q is dense (torch.empty_like)."""
+    """softmax(q k^T * scale + mask) v in fp32; a query with no key to attend gives zeros, and
+    NaN/inf propagate as in F.scaled_dot_product_attention's math. The output has q's strides
+    when q is dense (torch.empty_like)."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if key_padding_mask is not None:
-        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # all -inf rows: NaN -> 0
+    o = torch.matmul(torch.softmax(s if key_padding_mask is None else
+                                   s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf")),
+                                   dim=-1), v.float())
+    if key_padding_mask is not None:  # all keys masked: zeros (softmax alone gives NaN there)
+        o = o.masked_fill(~key_padding_mask.any(dim=1)[:, None, None, None], 0.0)
     out = torch.empty_like(q)
-    out.copy_(torch.matmul(p, v.float()))
+    out.copy_(o)
     return out
 
 

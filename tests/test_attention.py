@@ -178,7 +178,7 @@ def _qkv(shape_q=(1, 2, 8, 40), shape_k=(1, 2, 9, 40), dtype=torch.float32):
     (_qkv((1, 3, 8, 40)), {}, ValueError, "k, v: expected 3 heads"),
     (_qkv((1, 2, 8, 48)), {}, ValueError, "k, v: expected head dim 48"),
     ((*_qkv()[:2], torch.randn(1, 2, 10, 40)), {}, ValueError, "v: expected length 9"),
-    (_qkv((1, 2, 8, 264), (1, 2, 9, 264)), {}, ValueError, "head dim D must be a multiple of 8 and at most 256"),
+    (_qkv((1, 2, 8, 520), (1, 2, 9, 520)), {}, ValueError, "head dim D must be a multiple of 8 and at most 512"),
     (_qkv((1, 2, 8, 36), (1, 2, 9, 36)), {}, ValueError, "head dim D must be a multiple of 8"),
     (_qkv(), {"key_padding_mask": torch.ones(1, 8, dtype=torch.bool)}, ValueError,
      r"key_padding_mask: expected shape \[B, Lk\] = \[1, 9\]"),

@@ -1,7 +1,6 @@
-// attention_cxx on CPU: blocked flash attention (online softmax, fp32 accumulation) for
+// attention on CPU: blocked flash attention (online softmax, fp32 accumulation) for
 // q [B,H,Lq,D], k/v [B,H,Lk,D] with any strides whose last-dim stride is 1.
-#include <torch/library.h>
-
+#include "../kernels.h"
 #include "cpu_features.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,16 +12,6 @@
 #include <limits>
 #include <optional>
 
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         double scale, const std::optional<at::Tensor>& key_padding_mask);
-
-TORCH_LIBRARY_FRAGMENT(diffkernels, m) {
-  m.def("attention_cxx(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_padding_mask) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(diffkernels, CPU, m) {
-  m.impl("attention_cxx", &attention_cpu);
-}
 
 // setup.py compiles without -mavx2, which would leave at::vec on its scalar fallback. On x86
 // with GCC the kernel section below is compiled for AVX2+FMA+F16C (at::vec's AVX2
@@ -323,8 +312,11 @@ void attention_composite(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 }  // namespace
 
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         double scale, const std::optional<at::Tensor>& key_padding_mask) {
+int64_t diffkernels::attention_cpu_max_head_dim() { return 256; }
+
+at::Tensor diffkernels::attention_cpu(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, double scale,
+                                      const std::optional<at::Tensor>& key_padding_mask) {
   for (const auto* t : {&q, &k, &v}) {
     const char* name = t == &q ? "q" : t == &k ? "k" : "v";
     TORCH_CHECK(t->dim() == 4, "attention_cxx: ", name, " must have rank 4 [B, H, L, D], got ",

@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../kernels.h"
 #include "cpu_features.h"
 
 #include <algorithm>
@@ -29,19 +30,6 @@
 #include <tuple>
 #include <vector>
 
-at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, double eps, bool silu,
-                               const std::optional<at::Tensor>& channel_bias);
-
-TORCH_LIBRARY_FRAGMENT(diffkernels, m) {
-  m.def("group_norm_silu_cxx(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
-        "bool silu, Tensor? channel_bias) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(diffkernels, CPU, m) {
-  m.impl("group_norm_silu_cxx", &group_norm_silu_cpu);
-}
 
 // setup.py compiles without -mavx2, which would leave at::vec on its scalar fallback (and
 // exp per lane). On x86 with GCC, compile the kernels below for AVX2+FMA+F16C (at::vec's AVX2
@@ -522,7 +510,7 @@ std::optional<at::Tensor> as_float_param(const std::optional<at::Tensor>& t) {
 
 }  // namespace
 
-at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
+at::Tensor diffkernels::group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias, double eps, bool silu,
                                const std::optional<at::Tensor>& channel_bias) {

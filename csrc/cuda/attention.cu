@@ -17,7 +17,6 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -25,6 +24,8 @@
 #include <atomic>
 #include <cstdint>
 #include <optional>
+
+#include "../kernels.h"
 
 namespace {
 
@@ -474,8 +475,18 @@ bool rows_16b_aligned(const at::Tensor& t) {
   return true;
 }
 
-at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                          const std::optional<at::Tensor>& key_padding_mask) {
+}  // namespace
+
+bool diffkernels::attention_cuda_supports(const at::Tensor& q) {
+  // fp16/bf16 tensor cores (mma.sync m16n8k16, cp.async): sm_80 and newer.
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  if (q.size(3) > 256) return false;
+  return at::cuda::getDeviceProperties(q.device().index())->major >= 8;
+}
+
+at::Tensor diffkernels::attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, double scale,
+                                       const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "attention_cxx (CUDA): ";
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK(t->is_cuda(), op, name, ": expected a CUDA tensor, got device ", t->device());
@@ -542,7 +553,3 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   else launch_for_head_dim<__nv_bfloat16>(p, B * H, stream);
   return out;
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(diffkernels, CUDA, m) { m.impl("attention_cxx", &attention_cuda); }

@@ -13,7 +13,6 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -21,13 +20,9 @@
 #include <optional>
 #include <type_traits>
 
-namespace diffkernels {
+#include "../kernels.h"
 
-// Defined in csrc/cpu/diffusion_step.cpp (the same library).
-void check_diffusion_step_args(const at::Tensor& model_output, const at::Tensor& sample,
-                               const std::optional<at::Tensor>& noise,
-                               const std::optional<at::Tensor>& threshold,
-                               c10::ArrayRef<double> coeffs, int64_t variance_mode, bool cfg);
+namespace diffkernels {
 
 namespace {
 
@@ -201,15 +196,15 @@ void launch_typed(const StepParams& p, bool cfg, int noise_mode, const at::Tenso
   }
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
     const at::Tensor& model_output_, const at::Tensor& sample_,
     const std::optional<at::Tensor>& noise_, const std::optional<at::Tensor>& threshold_,
     c10::ArrayRef<double> coeffs, int64_t variance_mode, double clip_range,
     double guidance_scale, bool cfg) {
-  check_diffusion_step_args(model_output_, sample_, noise_, threshold_, coeffs, variance_mode,
-                            cfg);
   const c10::cuda::CUDAGuard guard(sample_.device());
-  // The Python op hands over contiguous tensors; this makes direct C++ calls safe too.
+  // csrc/diffusion_step.cpp checked the arguments and made them contiguous.
   const at::Tensor sample = sample_.contiguous(), model_output = model_output_.contiguous();
   const at::Tensor noise = noise_.has_value() ? noise_->contiguous() : at::Tensor();
   const at::Tensor threshold = threshold_.has_value() ? threshold_->contiguous() : at::Tensor();
@@ -242,10 +237,5 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   return {prev, x0};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(diffkernels, CUDA, m) {
-  m.impl("diffusion_step_cxx", &diffusion_step_cuda);
-}
 
 }  // namespace diffkernels

@@ -26,12 +26,13 @@
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
+
+#include "../kernels.h"
 
 namespace {
 
@@ -552,7 +553,7 @@ const void* ptr_of(const std::optional<at::Tensor>& t, bool* f32) {
 
 }  // namespace
 
-at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
+at::Tensor diffkernels::group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
                                 const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, double eps, bool silu,
                                 const std::optional<at::Tensor>& channel_bias) {
@@ -622,6 +623,3 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, int64_t num_groups,
   return y;
 }
 
-TORCH_LIBRARY_IMPL(diffkernels, CUDA, m) {
-  m.impl("group_norm_silu_cxx", &group_norm_silu_cuda);
-}

@@ -140,12 +140,15 @@ def to_markdown(rows, title, notes=()):
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", "| op | shape | dtype | provider | median ms | GB/s | % copy BW | TFLOP/s | "
-              "% matmul | ratio | vs |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "% matmul | ratio | vs | extra |",
+              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
+        extra = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in r.extra.items())
         lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.4f} | "
                      f"{_fmt(r.gbps, '.1f')} | {_fmt(r.pct_copy_bw, '.1f')} | "
                      f"{_fmt(r.tflops, '.2f')} | {_fmt(r.pct_matmul, '.1f')} | "
-                     f"{_fmt(r.ratio, '.2f')} | {r.baseline or ''} |")
+                     f"{_fmt(r.ratio, '.2f')} | {r.baseline or ''} | {extra} |")
     return "\n".join(lines) + "\n"
 
 

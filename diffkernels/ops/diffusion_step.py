@@ -1,25 +1,28 @@
 """diffusion_step: one DDPM/DDIM update (CFG combine, x0, clip/threshold, posterior, noise) as
 one operator. The schedulers compute the 11 scalar coefficients on the host; see
-diffkernels.reference.diffusion_step for the exact math."""
-import math
-from typing import List, Optional, Tuple
+diffkernels.reference.diffusion_step for the exact math.
 
-import numpy as np
+The operators diffkernels::diffusion_step and ::dynamic_threshold are defined in C++
+(csrc/diffusion_step.cpp: schemas, checks, backend route, CPU and CUDA kernels). This module
+holds the public functions, the fake kernel for torch.compile, and the Python backends the C++
+router calls."""
+from typing import Optional, Tuple
+
 import torch
 from torch import Tensor
 
 from .. import reference
-from .._backend import Dispatch
 from ..reference import VARIANCE_LEARNED, VARIANCE_LEARNED_RANGE, VARIANCE_SCALAR
 from ._checks import check_device, check_dtype, check_tensor
+from ._library import clearer_error, define_python_backends
 
 NUM_COEFFS = 11
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _VARIANCE_MODES = {VARIANCE_SCALAR: "scalar", VARIANCE_LEARNED: "learned",
                    VARIANCE_LEARNED_RANGE: "learned_range"}
 
-dispatch = Dispatch("diffusion_step")
+_op = torch.ops.diffkernels.diffusion_step.default
+_threshold_op = torch.ops.diffkernels.dynamic_threshold.default
 
 
 def diffusion_step(model_output: Tensor, sample: Tensor, coeffs, *, noise: Optional[Tensor] = None,
@@ -32,15 +35,15 @@ def diffusion_step(model_output: Tensor, sample: Tensor, coeffs, *, noise: Optio
     combined as u + guidance_scale * (c - u)), or [.., 2C, *S] with a learned variance_mode
     (the second C channels hold the variance, the cond half's with cfg). noise: like sample, or
     None for no noise term. threshold: fp32 [B] dynamic-thresholding scale s (see
-    `dynamic_threshold`) or None. clip_range > 0 clamps x0 to +-clip_range. coeffs: 11 floats
-    k0..k10 (reference.diffusion_step documents what each multiplies).
+    `dynamic_threshold`) or None. clip_range > 0 clamps x0 to +-clip_range. coeffs: 11 Python
+    floats k0..k10 (reference.diffusion_step documents what each multiplies).
     """
-    check_tensor("model_output", model_output)  # before the dispatcher's own schema error
-    check_tensor("sample", sample)
-    coeffs = _coeff_list(coeffs)
-    return torch.ops.diffkernels.diffusion_step(model_output, sample, noise, threshold, coeffs,
-                                                int(variance_mode), float(clip_range),
-                                                float(guidance_scale), bool(cfg))
+    try:
+        return _op(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
+                   guidance_scale, cfg)
+    except (TypeError, RuntimeError) as e:
+        clearer_error(e, _check_call, model_output, sample, noise, threshold, coeffs,
+                      variance_mode, clip_range, cfg)
 
 
 def _coeff_list(coeffs):
@@ -53,12 +56,21 @@ def _coeff_list(coeffs):
     return coeffs
 
 
+def _check_call(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg):
+    check_tensor("model_output", model_output)
+    check_tensor("sample", sample)
+    check_args(model_output, sample, noise, threshold, _coeff_list(coeffs), variance_mode,
+               clip_range, cfg)
+
+
 def check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg):
+    """The checks of csrc/diffusion_step.cpp, with the same messages (for the fake kernel and
+    for arguments the dispatcher rejects before the C++ checks run)."""
     check_tensor("sample", sample)
     check_tensor("model_output", model_output)
     if sample.dim() < 2:
         raise ValueError(f"sample: expected rank >= 2 [B, C, *spatial], got shape "
-                         f"{tuple(sample.shape)}")
+                         f"{list(sample.shape)}")
     check_dtype("sample", sample, _FLOATS)
     if model_output.dtype != sample.dtype:
         raise TypeError(f"model_output: expected dtype {sample.dtype} (the dtype of sample), got "
@@ -106,36 +118,12 @@ def check_args(model_output, sample, noise, threshold, coeffs, variance_mode, cl
         raise ValueError(f"clip_range: expected >= 0 (0 = no clipping), got {clip_range}")
 
 
-def _empty_outputs(sample):
+@torch.library.register_fake("diffkernels::diffusion_step")
+def _(model_output, sample, noise, threshold, coeffs, variance_mode=VARIANCE_SCALAR,
+      clip_range=0.0, guidance_scale=1.0, cfg=False):
+    check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg)
     return (torch.empty_like(sample, memory_format=torch.contiguous_format),
             torch.empty_like(sample, memory_format=torch.contiguous_format))
-
-
-@torch.library.custom_op("diffkernels::diffusion_step", mutates_args=())
-def _diffusion_step(model_output: Tensor, sample: Tensor, noise: Optional[Tensor],
-                    threshold: Optional[Tensor], coeffs: List[float], variance_mode: int,
-                    clip_range: float, guidance_scale: float,
-                    cfg: bool) -> Tuple[Tensor, Tensor]:
-    check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg)
-    if sample.numel() == 0:
-        return _empty_outputs(sample)
-    # Kernels see contiguous tensors; outputs are contiguous in sample's dtype.
-    model_output, sample = model_output.contiguous(), sample.contiguous()
-    noise = None if noise is None else noise.contiguous()
-    threshold = None if threshold is None else threshold.contiguous()
-    return dispatch(sample.device, model_output, sample, noise, threshold, coeffs, variance_mode,
-                    clip_range, guidance_scale, cfg)
-
-
-@_diffusion_step.register_fake
-def _(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, guidance_scale,
-      cfg):
-    check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg)
-    return _empty_outputs(sample)
-
-
-def _kernel_supports(model_output, sample, *args):
-    return sample.dtype in _KERNEL_DTYPES
 
 
 def _reference(*args):
@@ -143,18 +131,6 @@ def _reference(*args):
     return prev.contiguous(), x0.contiguous()
 
 
-dispatch.register("reference")(_reference)
-
-
-@dispatch.register("cpu", supports=_kernel_supports)
-@dispatch.register("cuda", supports=_kernel_supports)
-def _native(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
-            guidance_scale, cfg):
-    return torch.ops.diffkernels.diffusion_step_cxx(model_output, sample, noise, threshold, coeffs,
-                                                    variance_mode, clip_range, guidance_scale, cfg)
-
-
-@dispatch.register("triton", supports=_kernel_supports)
 def _triton(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
             guidance_scale, cfg):
     from ..triton.diffusion_step import diffusion_step as kernel
@@ -162,38 +138,22 @@ def _triton(model_output, sample, noise, threshold, coeffs, variance_mode, clip_
                   guidance_scale, cfg)
 
 
+define_python_backends(
+    "diffusion_step",
+    "Tensor model_output, Tensor sample, Tensor? noise, Tensor? threshold, float[] coeffs, "
+    "int variance_mode, float clip_range, float guidance_scale, bool cfg) -> (Tensor, Tensor)",
+    {"reference": _reference, "triton": _triton})
+
+
 def dynamic_threshold(model_output: Tensor, sample: Tensor, coeffs, ratio: float,
                       max_value: float, *, guidance_scale: float = 1.0,
                       cfg: bool = False) -> Tensor:
     """Imagen's dynamic-thresholding scale s per sample, fp32 [B] on sample's device: the
     `ratio` quantile of |x0| (x0 = k0*x + k1*m, m the CFG-combined model output), clamped to
-    [1, max_value]. Plain torch ops with host-side ranks: no device->host sync. Pass the result
-    as `threshold` to diffusion_step (which then clamps x0 to [-s, s] and divides by s)."""
-    k0, k1 = _coeff_list(coeffs)[:2]
-    b, c = sample.shape[:2]
-    mo = model_output.float()
-    if cfg:
-        m = mo[:b, :c] + guidance_scale * (mo[b:, :c] - mo[:b, :c])
-    else:
-        m = mo[:, :c]
-    x0 = k0 * sample.float() + k1 * m
-    return _quantile_rows(x0.abs().reshape(b, -1), ratio).clamp(min=1.0, max=max_value)
-
-
-def _quantile_rows(x: Tensor, q: float) -> Tensor:
-    """torch.quantile(x, q, dim=1) (linear interpolation), with the rank computed on the host in
-    fp32 as torch computes it: sort + two column reads + lerp, nothing that reads device
-    values back (torch.quantile also caps the input at 2**24 elements)."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio: expected a quantile in [0, 1], got {q}")
-    n = x.shape[1]
-    if n == 0:
-        return x.new_full((x.shape[0],), math.nan)
-    rank = np.float32(q) * np.float32(n - 1)
-    lo = int(np.floor(rank))
-    hi = min(int(np.ceil(rank)), n - 1)
-    weight = float(rank - np.float32(lo))
-    v = x.sort(dim=1).values
-    out = torch.lerp(v[:, lo], v[:, hi], weight)
-    # torch.quantile propagates NaN (sort puts NaN last, where a low rank would miss it).
-    return torch.where(v[:, -1].isnan(), v[:, -1], out)
+    [1, max_value]. Plain ATen ops with host-side ranks (diffkernels::dynamic_threshold): no
+    device->host sync. Pass the result as `threshold` to diffusion_step (which then clamps x0
+    to [-s, s] and divides by s)."""
+    try:
+        return _threshold_op(model_output, sample, coeffs, ratio, max_value, guidance_scale, cfg)
+    except (TypeError, RuntimeError) as e:
+        clearer_error(e, _coeff_list, coeffs)
