@@ -70,6 +70,9 @@ def link_diffusers(classes):
         for cls in classes:
             if isinstance(mixin, type) and not issubclass(cls, mixin):
                 cls.__bases__ = cls.__bases__ + (mixin,)
+                # A pipeline saved with our scheduler names its module as the library; loading
+                # looks up the base class there by name ("SchedulerMixin") to pick from_pretrained.
+                setattr(sys.modules[cls.__module__], "SchedulerMixin", mixin)
 
     if _MIXIN_MODULE in sys.modules:
         attach(sys.modules[_MIXIN_MODULE])
