@@ -311,7 +311,7 @@ class SchedulerBase(ConfigMixin):
 
     def _scalars(self):
         """The fp32 tensors the coefficient formulas start from, in coefficient_dtype."""
-        return self.alphas_cumprod.to(self._coefficient_dtype)
+        return self.alphas_cumprod.to("cpu", self._coefficient_dtype)  # host math only
 
     @staticmethod
     def _x0_coeffs(prediction_type, a, b):

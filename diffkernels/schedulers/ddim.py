@@ -49,10 +49,10 @@ class DDIMScheduler(SchedulerBase):
         """Coefficients k0..k10 of the steps from each t in `ts`, computed with torch ops on
         coefficient_dtype tensors in diffusers' order of operations (fp32: its roundings)."""
         c = self.config
-        t = torch.tensor(ts)
+        t = torch.tensor(ts, device="cpu")
         p = t - c.num_train_timesteps // self.num_inference_steps
         acp = self._scalars()
-        final = self.final_alpha_cumprod.to(acp.dtype)
+        final = self.final_alpha_cumprod.to("cpu", acp.dtype)
         a = acp[t]
         a_prev = torch.where(p >= 0, acp[p.clamp(min=0)], final)
         b = 1 - a

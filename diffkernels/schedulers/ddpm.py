@@ -99,11 +99,11 @@ class DDPMScheduler(SchedulerBase):
         """Coefficients k0..k10 of every schedule step (index i: t_i -> t_{i+1}), computed with
         torch ops on coefficient_dtype tensors in diffusers' order of operations (fp32: its
         roundings exactly)."""
-        t = torch.tensor(self._schedule)
-        p = torch.tensor(self._schedule[1:] + [-1])
+        t = torch.tensor(self._schedule, device="cpu")
+        p = torch.tensor(self._schedule[1:] + [-1], device="cpu")
         acp = self._scalars()
         a = acp[t]
-        a_prev = torch.where(p >= 0, acp[p.clamp(min=0)], self.one.to(acp.dtype))
+        a_prev = torch.where(p >= 0, acp[p.clamp(min=0)], self.one.to("cpu", acp.dtype))
         b, b_prev = 1 - a, 1 - a_prev
         current_alpha = a / a_prev
         current_beta = 1 - current_alpha
