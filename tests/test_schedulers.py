@@ -2,7 +2,6 @@
 generator, a deterministic stand-in model, every intermediate sample compared; plus no-sync,
 config and bad-input tests."""
 import contextlib
-import inspect
 import json
 import warnings
 
@@ -656,7 +655,8 @@ def _ready(kind, **config):
      "model_output: expected a torch.Tensor"),
 ], ids=["pred-ddpm", "pred-ddim", "variance", "beta", "spacing", "trained-betas", "clip-range",
         "too-many-steps", "offset-overflow", "custom-ascending",
-        "ddim-before-set", "ddpm-not-in-schedule", "ddim-t-1000", "t-1000", "t-negative", "spatial-mismatch",
+        "ddim-before-set", "ddpm-not-in-schedule", "ddim-t-1000", "t-1000", "t-negative",
+        "spatial-mismatch",
         "batch-mismatch", "cfg-needs-2B", "2C-fixed", "2C-ddim", "learned-needs-2C",
         "generator-and-noise", "noise-shape", "generator-list-type", "generator-list-short",
         "timestep-str", "not-tensor"])

@@ -7,7 +7,6 @@ timestep tensor is never read on the device, and the noise is drawn exactly as d
 randn_tensor draws it (CPU generator: on the CPU, then an asynchronous copy)."""
 import json
 import math
-import sys
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ def make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained
                              f"(num_train_timesteps), got shape {list(betas.shape)}. diffusers "
                              f"accepts this and silently builds a {betas.numel()}-step schedule "
                              f"that disagrees with num_train_timesteps (set_timesteps and add_noise "
-                             f"then index past its end); pass num_train_timesteps={betas.numel()}")
+                             f"then index past its end); pass "
+                             f"num_train_timesteps={betas.numel()}")
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     elif beta_schedule == "scaled_linear":  # the latent-diffusion schedule
@@ -245,16 +245,18 @@ class SchedulerBase(ConfigMixin):
                 index = (ptr - self._ts_ptr) >> 3
                 return self._schedule[index], index
         if isinstance(timestep, Tensor):
-            if timestep.numel() != 1 and any(s != 0 for s in timestep.stride()):
+            if timestep.dim() and timestep.numel() != 1 and any(s != 0 for s in timestep.stride()):
                 raise ValueError(f"timestep: expected one timestep for the whole batch, got shape "
                                  f"{list(timestep.shape)}")
             if timestep.is_floating_point() or timestep.is_complex() or \
                     timestep.dtype == torch.bool:
                 raise TypeError(f"timestep: expected an integer tensor, got {timestep.dtype}")
-            index = self._view_index(timestep)
-            if index is not None:
-                return self._schedule[index], index
-            if timestep.device.type != "cpu":
+            if timestep.is_cpu:  # host memory: read it (no sync)
+                timestep = int(timestep.reshape(-1)[0]) if timestep.dim() else int(timestep)
+            else:
+                index = self._view_index(timestep)
+                if index is not None:
+                    return self._schedule[index], index
                 n = len(self._schedule)
                 if self._next_index >= n:
                     raise ValueError(f"timestep: a {timestep.device} tensor that is not an element "
@@ -262,7 +264,6 @@ class SchedulerBase(ConfigMixin):
                                      f"{n} steps are done; call set_timesteps again, or pass ints")
                 self._check_later(timestep, self._next_index)
                 return self._schedule[self._next_index], self._next_index
-            timestep = int(timestep.reshape(-1)[0])  # host memory: no sync
         if isinstance(timestep, float) and timestep.is_integer():
             timestep = int(timestep)
         if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):

@@ -10,6 +10,7 @@ issubclass, so DDPMPipeline.save_pretrained then writes our scheduler's config t
 import functools
 import importlib
 import importlib.abc
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 from torch import Tensor
 
 logger = logging.getLogger("diffkernels.schedulers")
@@ -41,7 +41,8 @@ OTHER_SCHEDULER_KEYS = frozenset((
     "sigma_min", "sigma_schedule", "skip_prk_steps", "solver_order", "solver_p", "solver_type",
     "steps_offset", "thresholding", "time_shift_type", "timestep_spacing", "timestep_type",
     "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas", "use_flow_sigmas",
-    "use_karras_sigmas", "use_lu_lambdas", "variance_type", "timestep_values", "stochastic_sampling"))
+    "use_karras_sigmas", "use_lu_lambdas", "variance_type", "timestep_values",
+    "stochastic_sampling"))
 
 
 def diffusers_module():
@@ -56,6 +57,14 @@ def diffusers_module():
 
 
 _cache = {}
+
+
+def _diffusers_version():
+    """The installed diffusers' version (without importing it), else the format we follow."""
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return DIFFUSERS_FORMAT_VERSION
 
 
 _MIXIN_MODULE = "diffusers.schedulers.scheduling_utils"
@@ -208,8 +217,7 @@ class ConfigMixin:
     def to_json_string(self) -> str:
         d = dict(self._internal_dict)
         d["_class_name"] = type(self).__name__
-        dm = diffusers_module()
-        d["_diffusers_version"] = getattr(dm, "__version__", DIFFUSERS_FORMAT_VERSION)
+        d["_diffusers_version"] = _diffusers_version()
         # diffusers writes these two into its config as it saves; so do we (same config after)
         self.register_to_config(_class_name=d["_class_name"],
                                 _diffusers_version=d["_diffusers_version"])
