@@ -5,70 +5,19 @@ the fused diffusion_step op.
 No step syncs the device: the schedule and alphas_cumprod live on the host (Python floats), a
 timestep tensor is never read on the device, and the noise is drawn exactly as diffusers'
 randn_tensor draws it (CPU generator: on the CPU, then an asynchronous copy)."""
-import inspect
 import json
 import math
-import os
-import warnings
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..ops.diffusion_step import check_args, diffusion_step, dynamic_threshold
+from ._config import ConfigMixin, SchedulerOutput
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-# Init keys of the other diffusers schedulers a scheduler_config.json may come from (SD ships a
-# PNDMScheduler config, others Euler/DPM-Solver/...): ignored silently, as diffusers ignores the
-# keys of "compatible" schedulers. Anything else unknown is ignored with a warning.
-_OTHER_SCHEDULER_KEYS = frozenset((
-    "algorithm_type", "clip_sample", "clip_sample_range", "disable_corrector",
-    "dynamic_thresholding_ratio", "euler_at_final", "final_sigmas_type", "flow_shift",
-    "interpolation_type", "lambda_min_clipped", "lower_order_final", "predict_x0", "rho",
-    "sample_max_value", "set_alpha_to_one", "shift_terminal", "sigma_data", "sigma_max",
-    "sigma_min", "sigma_schedule", "skip_prk_steps", "solver_order", "solver_p", "solver_type",
-    "steps_offset", "thresholding", "time_shift_type", "timestep_spacing", "timestep_type",
-    "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas", "use_flow_sigmas",
-    "use_karras_sigmas", "use_lu_lambdas", "variance_type"))
-
-
-class SchedulerConfig(dict):
-    """A read-only dict with attribute access (`config.num_train_timesteps`), like diffusers'
-    FrozenDict."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no key {name!r}") from None
-
-    def _readonly(self, *args, **kwargs):
-        raise TypeError("scheduler config is read-only: build a new scheduler with "
-                        "from_config(config, key=value)")
-
-    __setitem__ = __delitem__ = __setattr__ = update = pop = setdefault = clear = _readonly
-
-    def __reduce__(self):  # copy / deepcopy / pickle without going through __setitem__
-        return (SchedulerConfig, (dict(self),))
-
-
-@dataclass
-class SchedulerOutput:
-    """prev_sample: x_{t-1}, the next model input; pred_original_sample: the predicted x0."""
-    prev_sample: Tensor
-    pred_original_sample: Optional[Tensor] = None
-
-    def to_tuple(self):
-        return (self.prev_sample, self.pred_original_sample)
-
-    def __getitem__(self, k):  # out[0] / out["prev_sample"], as with diffusers' BaseOutput
-        return getattr(self, k) if isinstance(k, str) else self.to_tuple()[k]
-
 
 # ---------------------------------------------------------------- betas and timesteps
 
@@ -79,7 +28,11 @@ def make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained
         betas = torch.tensor(trained_betas, dtype=torch.float32)
         if betas.dim() != 1 or len(betas) != num_train_timesteps:
             raise ValueError(f"trained_betas: expected {num_train_timesteps} values "
-                             f"(num_train_timesteps), got shape {list(betas.shape)}")
+                             f"(num_train_timesteps), got shape {list(betas.shape)}. diffusers "
+                             f"accepts this and silently builds a {betas.numel()}-step schedule "
+                             f"that disagrees with num_train_timesteps (set_timesteps and add_noise "
+                             f"then index past its end); pass "
+                             f"num_train_timesteps={betas.numel()}")
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     elif beta_schedule == "scaled_linear":  # the latent-diffusion schedule
@@ -124,34 +77,6 @@ def spaced_timesteps(num_train_timesteps, n, spacing, steps_offset) -> np.ndarra
     return np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1
 
 
-# ---------------------------------------------------------------- host-side scalar math
-# Float semantics as torch's (x/0 = inf, sqrt(<0) = nan) instead of Python exceptions, so a
-# degenerate schedule gives diffusers' inf/nan rather than a crash.
-
-def div(a, b):
-    if b != 0:
-        return a / b
-    return math.nan if a == 0 or math.isnan(a) else math.copysign(math.inf, a)
-
-
-def sqrt(v):
-    return math.sqrt(v) if v >= 0 else math.nan
-
-
-def log(v):
-    return math.log(v) if v > 0 else (-math.inf if v == 0 else math.nan)
-
-
-def x0_coeffs(prediction_type, alpha_prod_t):
-    """(k0, k1) with x0 = k0 * sample + k1 * model_output."""
-    a, b = alpha_prod_t, 1.0 - alpha_prod_t
-    if prediction_type == "epsilon":
-        return div(1.0, sqrt(a)), -div(sqrt(b), sqrt(a))
-    if prediction_type == "v_prediction":
-        return sqrt(a), -sqrt(b)
-    return 0.0, 1.0  # "sample"
-
-
 # ---------------------------------------------------------------- noise
 
 def randn_tensor(shape, generator, device, dtype) -> Tensor:
@@ -191,19 +116,36 @@ def randn_tensor(shape, generator, device, dtype) -> Tensor:
 
 # ---------------------------------------------------------------- the base class
 
-class SchedulerBase:
+# diffusers' KarrasDiffusionSchedulers: the family whose configs interchange with DDPM/DDIM.
+KARRAS_SCHEDULERS = [
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler", "EDMEulerScheduler"]
+COEFFICIENT_DTYPES = (torch.float32, torch.float64)
+
+
+class SchedulerBase(ConfigMixin):
     """Config handling, timesteps, add_noise and the fused step call; subclasses define
-    __init__ (their diffusers config keys) and step."""
+    __init__ (their diffusers config keys, under @register_to_config), the coefficient table
+    and step.
+
+    coefficient_dtype (keyword, not part of the config): the dtype of the per-step scalar
+    math. torch.float32 (default) rounds every scalar op as diffusers does (its 0-d fp32
+    tensors), so results equal diffusers' to fp32 rounding of the elementwise math also where
+    fp32 scalars lose digits (DDPM's last step: 1 - acp[1] / acp[0]; DDIM at eta = 1 near T);
+    torch.float64 computes the same formulas in float64 from the same fp32 alphas_cumprod (more
+    accurate, no longer diffusers' numbers)."""
 
     order = 1
     init_noise_sigma = 1.0
+    _output = SchedulerOutput
+    _compatibles = KARRAS_SCHEDULERS
+    ignore_for_config = ["coefficient_dtype"]
 
-    def _setup(self, config: dict):
-        config = {k: v for k, v in config.items() if k not in ("self", "__class__")}
-        if isinstance(config.get("trained_betas"), (np.ndarray, Tensor)):
-            config["trained_betas"] = [float(b) for b in config["trained_betas"]]
-        self._config = SchedulerConfig(config)
-        c = self._config
+    def _setup(self, coefficient_dtype):
+        c = self.config
         if c.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got "
                              f"{c.prediction_type!r}")
@@ -223,44 +165,31 @@ class SchedulerBase:
                                 c.trained_betas, c.rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        # The host copy every step reads (fp32 values, then float64 arithmetic).
-        self._alphas_cumprod = self.alphas_cumprod.double().tolist()
+        self._alphas_cumprod = self.alphas_cumprod.double().tolist()  # host copy (fp32 values)
         self._acp_cache = {}
+        self._checked = None
+        # diffusers: thresholding wins over clip_sample. Read once (config access costs host time)
+        self._x0_limits = (bool(c.thresholding), float(c.dynamic_thresholding_ratio),
+                           float(c.sample_max_value),
+                           float(c.clip_sample_range) if c.clip_sample and not c.thresholding
+                           else 0.0)
+        self.coefficient_dtype = coefficient_dtype
         self.num_inference_steps = None
         self.custom_timesteps = False
         self._set_schedule(np.arange(0, c.num_train_timesteps)[::-1].copy().astype(np.int64),
                            None)
-        self._ready = False  # step() needs set_timesteps()
 
     @property
-    def config(self) -> SchedulerConfig:
-        return self._config
+    def coefficient_dtype(self) -> torch.dtype:
+        return self._coefficient_dtype
 
-    @classmethod
-    def from_config(cls, config=None, **kwargs):
-        """Build from a diffusers scheduler_config.json dict (or a scheduler's .config, or a
-        scheduler); kwargs override it. Keys starting with "_" and keys of other diffusers
-        schedulers are ignored silently, any other unknown key with a warning."""
-        if config is not None and not isinstance(config, dict):
-            config = getattr(config, "config", config)
-        if config is not None and not isinstance(config, dict):
-            raise TypeError(f"config: expected a dict (a scheduler_config.json), got "
-                            f"{type(config).__name__}")
-        merged = {**(config or {}), **kwargs}
-        keys = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(k for k in merged if k not in keys and not k.startswith("_")
-                         and k not in _OTHER_SCHEDULER_KEYS)
-        if unknown:
-            warnings.warn(f"The config attributes {unknown} were passed to {cls.__name__}, but "
-                          f"are not expected and will be ignored.", stacklevel=2)
-        return cls(**{k: v for k, v in merged.items() if k in keys})
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder=None, **kwargs):
-        """Read scheduler_config.json from a local diffusers folder (path[/subfolder])."""
-        folder = os.path.join(path, subfolder) if subfolder else path
-        with open(os.path.join(folder, "scheduler_config.json")) as f:
-            return cls.from_config(json.load(f), **kwargs)
+    @coefficient_dtype.setter
+    def coefficient_dtype(self, dtype):
+        if dtype not in COEFFICIENT_DTYPES:
+            raise ValueError(f"coefficient_dtype: expected torch.float32 (diffusers' rounding) or "
+                             f"torch.float64, got {dtype!r}")
+        self._coefficient_dtype = dtype
+        self._coeff_cache = {}
 
     def __len__(self):
         return self.config.num_train_timesteps
@@ -292,50 +221,61 @@ class SchedulerBase:
                              f" (num_train_timesteps; check steps_offset)")
         self._index_of = {t: i for i, t in enumerate(self._schedule)}
         self.timesteps = torch.from_numpy(np.asarray(timesteps, dtype=np.int64)).to(device)
+        # Where the schedule's elements live: `for t in scheduler.timesteps` hands over views
+        # whose data_ptr gives the index (no device read).
+        self._ts_ptr = self.timesteps.data_ptr() if self.timesteps.device.type != "meta" else -1
+        self._ts_end = self._ts_ptr + 8 * len(self._schedule)
         self._next_index = 0
         self._pending_checks = []
-        self._ready = True
+        self._coeff_cache = {}
 
-    def _step_index(self, timestep) -> int:
-        """The index of `timestep` in the schedule, found on the host without reading a device
-        tensor: an int or a CPU tensor by value; a device tensor that is an element of
-        self.timesteps (`for t in scheduler.timesteps`) by its storage offset; any other device
-        tensor is taken to be the next step, checked asynchronously (a later step raises)."""
-        if not self._ready:
-            raise ValueError(f"{type(self).__name__}.step: call set_timesteps(num_inference_steps) "
-                             f"first")
-        self._run_pending_checks()
-        n = len(self._schedule)
+    def _resolve(self, timestep):
+        """(t, index in the schedule or None) for `timestep`, found on the host without reading
+        a device tensor: an int or a CPU tensor by value; a tensor that is an element of
+        self.timesteps (`for t in scheduler.timesteps`) by its address; any other device tensor
+        is taken to be the next step, checked asynchronously (a later step raises)."""
+        if self._pending_checks:
+            self._run_pending_checks()
+        if type(timestep) is int:  # the fast paths first
+            return timestep, self._index_of.get(timestep)
+        if isinstance(timestep, Tensor) and timestep.dim() == 0 \
+                and timestep.dtype == torch.int64:
+            ptr = timestep.data_ptr()
+            if self._ts_ptr <= ptr < self._ts_end and self._ts_ptr > 0:
+                index = (ptr - self._ts_ptr) >> 3
+                return self._schedule[index], index
         if isinstance(timestep, Tensor):
-            if timestep.numel() != 1 and any(s != 0 for s in timestep.stride()):
+            if timestep.dim() and timestep.numel() != 1 and any(s != 0 for s in timestep.stride()):
                 raise ValueError(f"timestep: expected one timestep for the whole batch, got shape "
                                  f"{list(timestep.shape)}")
             if timestep.is_floating_point() or timestep.is_complex() or \
                     timestep.dtype == torch.bool:
                 raise TypeError(f"timestep: expected an integer tensor, got {timestep.dtype}")
-            index = self._view_index(timestep)
-            if index is not None:
-                return index
-            if timestep.device.type != "cpu":
+            if timestep.is_cpu:  # host memory: read it (no sync)
+                timestep = int(timestep.reshape(-1)[0]) if timestep.dim() else int(timestep)
+            else:
+                index = self._view_index(timestep)
+                if index is not None:
+                    return self._schedule[index], index
+                n = len(self._schedule)
                 if self._next_index >= n:
                     raise ValueError(f"timestep: a {timestep.device} tensor that is not an element "
                                      f"of scheduler.timesteps is taken as the next step, but all "
                                      f"{n} steps are done; call set_timesteps again, or pass ints")
                 self._check_later(timestep, self._next_index)
-                return self._next_index
-            timestep = int(timestep.reshape(-1)[0])  # host memory: no sync
+                return self._schedule[self._next_index], self._next_index
         if isinstance(timestep, float) and timestep.is_integer():
             timestep = int(timestep)
         if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
             raise TypeError(f"timestep: expected an int or an integer tensor, got {timestep!r}")
-        index = self._index_of.get(int(timestep))
-        if index is None:
-            shown = (self._schedule if n <= 12
-                     else self._schedule[:6] + ["..."] + self._schedule[-3:])
-            raise ValueError(f"timestep: {int(timestep)} is not in the schedule set by "
-                             f"set_timesteps ({n} steps: {shown}; num_train_timesteps="
-                             f"{self.config.num_train_timesteps})")
-        return index
+        timestep = int(timestep)
+        return timestep, self._index_of.get(timestep)
+
+    def _not_in_schedule(self, t):
+        n = len(self._schedule)
+        shown = self._schedule if n <= 12 else self._schedule[:6] + ["..."] + self._schedule[-3:]
+        return ValueError(f"timestep: {t} is not in the schedule set by set_timesteps ({n} steps: "
+                          f"{shown}; num_train_timesteps={self.config.num_train_timesteps})")
 
     def _view_index(self, timestep):
         ts = self.timesteps
@@ -369,6 +309,20 @@ class SchedulerBase:
                                  f"is taken as the next step); pass scheduler.timesteps elements "
                                  f"or ints")
         self._pending_checks = still
+
+    def _scalars(self):
+        """The fp32 tensors the coefficient formulas start from, in coefficient_dtype."""
+        return self.alphas_cumprod.to("cpu", self._coefficient_dtype)  # host math only
+
+    @staticmethod
+    def _x0_coeffs(prediction_type, a, b):
+        """(k0, k1) tensors with x0 = k0 * sample + k1 * model_output (diffusers' op order for
+        the scalars: sqrt(b) and sqrt(a) first)."""
+        if prediction_type == "epsilon":
+            return 1 / a ** 0.5, -(b ** 0.5) / a ** 0.5
+        if prediction_type == "v_prediction":
+            return a ** 0.5, -(b ** 0.5)
+        return torch.zeros_like(a), torch.ones_like(a)
 
     # -------------------------------------------------------------- forward process
 
@@ -404,14 +358,26 @@ class SchedulerBase:
 
     def _prepare(self, model_output, sample, guidance_scale, learned: bool, where: str):
         """Checks shapes before any noise is drawn; returns (model_output, sample, cfg, g) in
-        their common dtype."""
+        their common dtype. A call shaped like the last one skips the checks (host cost)."""
         cfg = guidance_scale is not None
-        if isinstance(guidance_scale, Tensor) and guidance_scale.device.type != "cpu":
+        if cfg and isinstance(guidance_scale, Tensor) and guidance_scale.device.type != "cpu":
             raise TypeError("guidance_scale: expected a Python float (reading a "
                             f"{guidance_scale.device} tensor would sync the device)")
-        for name, t in (("model_output", model_output), ("sample", sample)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if type(model_output) is not Tensor or type(sample) is not Tensor:
+            for name, t in (("model_output", model_output), ("sample", sample)):
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        key = (model_output.shape, sample.shape, model_output.dtype, sample.dtype,
+               model_output.device, sample.device, cfg, learned)
+        if key != self._checked:
+            self._check_shapes(model_output, sample, cfg, learned, where)
+            self._checked = key
+        if model_output.dtype != sample.dtype:
+            dtype = torch.promote_types(model_output.dtype, sample.dtype)
+            model_output, sample = model_output.to(dtype), sample.to(dtype)
+        return model_output, sample, cfg, (1.0 if not cfg else float(guidance_scale))
+
+    def _check_shapes(self, model_output, sample, cfg, learned, where):
         if sample.dim() >= 2 and model_output.dim() == sample.dim() and not learned \
                 and model_output.shape[1] == 2 * sample.shape[1] != 0:
             raise ValueError(f"model_output: has 2C = {model_output.shape[1]} channels (a learned "
@@ -422,10 +388,9 @@ class SchedulerBase:
                              f"2C = {2 * sample.shape[1]} channels (mean and variance), got "
                              f"{model_output.shape[1]}")
         dtype = torch.promote_types(model_output.dtype, sample.dtype)
-        model_output, sample = model_output.to(dtype), sample.to(dtype)
         mode = 1 if learned else 0  # validation only: the right mode is chosen later
-        check_args(model_output, sample, None, None, [0.0] * 11, mode, 0.0, cfg)
-        return model_output, sample, cfg, (1.0 if not cfg else float(guidance_scale))
+        check_args(model_output.to(dtype), sample.to(dtype), None, None, [0.0] * 11, mode, 0.0,
+                   cfg)
 
     def _noise(self, model_output, sample, generator, variance_noise):
         """Noise of shape sample.shape (diffusers: the model output after the CFG combine and
@@ -442,20 +407,17 @@ class SchedulerBase:
         return noise.to(sample.dtype)
 
     def _fused(self, model_output, sample, coeffs, noise, variance_mode, cfg, g, return_dict):
-        c = self.config
-        threshold, clip_range = None, 0.0
-        if c.thresholding:  # diffusers: thresholding wins over clip_sample
-            threshold = dynamic_threshold(model_output, sample, coeffs,
-                                          float(c.dynamic_thresholding_ratio),
-                                          float(c.sample_max_value), guidance_scale=g, cfg=cfg)
-        elif c.clip_sample:
-            clip_range = float(c.clip_sample_range)
+        thresholding, ratio, max_value, clip_range = self._x0_limits
+        threshold = None
+        if thresholding:
+            threshold = dynamic_threshold(model_output, sample, coeffs, ratio, max_value,
+                                          guidance_scale=g, cfg=cfg)
         prev, x0 = diffusion_step(model_output, sample, coeffs, noise=noise, threshold=threshold,
                                   variance_mode=variance_mode, clip_range=clip_range,
                                   guidance_scale=g, cfg=cfg)
         if not return_dict:
             return prev, x0
-        return SchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return self._output(prev, x0)
 
 
 def resolve_noise_alias(variance_noise, noise):

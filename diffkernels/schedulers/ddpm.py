@@ -1,6 +1,5 @@
 """DDPMScheduler (Ho et al. 2020) on the fused diffusion_step op, with diffusers' config keys
 and step-for-step diffusers results (diffusers.schedulers.scheduling_ddpm)."""
-import math
 import warnings
 from typing import List, Optional, Union
 
@@ -9,10 +8,12 @@ import torch
 from torch import Tensor
 
 from ..reference import VARIANCE_LEARNED, VARIANCE_LEARNED_RANGE, VARIANCE_SCALAR
-from ._common import SchedulerBase, SchedulerOutput, div, log, resolve_noise_alias, sqrt, x0_coeffs
+from ._common import SchedulerBase, SchedulerOutput, resolve_noise_alias
+from ._config import register_to_config
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                   "learned_range")
+_MODES = {"learned": VARIANCE_LEARNED, "learned_range": VARIANCE_LEARNED_RANGE}
 
 DDPMSchedulerOutput = SchedulerOutput
 
@@ -25,8 +26,12 @@ class DDPMScheduler(SchedulerBase):
     (they interpolate the log variance between the fixed_small and fixed_large values). Note that
     diffusers' fixed_large_log takes the square root of log(beta_t) < 0 and so gives NaN; this
     class does the same (with a warning) so results stay diffusers' results.
+
+    As diffusers', it samples over the full training schedule (num_train_timesteps - 1 .. 0)
+    until set_timesteps is called. coefficient_dtype: see SchedulerBase.
     """
 
+    @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
                  beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
@@ -34,17 +39,19 @@ class DDPMScheduler(SchedulerBase):
                  prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading",
-                 steps_offset: int = 0, rescale_betas_zero_snr: bool = False):
+                 steps_offset: int = 0, rescale_betas_zero_snr: bool = False, *,
+                 coefficient_dtype: torch.dtype = torch.float32):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type: expected one of {VARIANCE_TYPES}, got "
-                             f"{variance_type!r}")
+                             f"{variance_type!r} (diffusers accepts any string here and then "
+                             f"samples as 'fixed_small' without a word)")
         if variance_type == "fixed_large_log":
             warnings.warn("variance_type='fixed_large_log' follows diffusers, whose noise std is "
                           "sqrt(log(beta_t)) = NaN for every t > 0; use 'fixed_large' for "
                           "std = sqrt(beta_t)", stacklevel=2)
-        self._setup(locals())
         self.one = torch.tensor(1.0)
         self.variance_type = variance_type
+        self._setup(coefficient_dtype)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None,
                       device: Union[str, torch.device, None] = None,
@@ -71,43 +78,93 @@ class DDPMScheduler(SchedulerBase):
         self.num_inference_steps = int(num_inference_steps)
         self._set_schedule(spaced, device)
 
-    def previous_timestep(self, timestep) -> int:
-        """The next timestep of the schedule after `timestep` (-1 after the last one)."""
-        index = self._step_index(timestep)
-        return self._schedule[index + 1] if index + 1 < len(self._schedule) else -1
+    def _index(self, timestep):
+        t, index = self._resolve(timestep)
+        if index is None:
+            raise self._not_in_schedule(t)
+        return t, index
 
-    def coefficients(self, t: int, prev_t: int):
-        """(coeffs k0..k10, variance_mode) of diffusion_step for one step t -> prev_t, in
-        float64 on the host, with diffusers' formulas (reference.diffusion_step documents k)."""
-        c = self.config
-        acp = self._alphas_cumprod
+    def previous_timestep(self, timestep):
+        """The timestep after `timestep` in the schedule (-1 after the last one). As diffusers:
+        an int for an int, a tensor for a tensor (no device read)."""
+        if isinstance(timestep, Tensor) and not (self.custom_timesteps or
+                                                 self.num_inference_steps):
+            return timestep - 1  # diffusers' own arithmetic before set_timesteps
+        t, index = self._index(timestep)
+        if not isinstance(timestep, Tensor):
+            return self._schedule[index + 1] if index + 1 < len(self._schedule) else -1
+        return self.timesteps[index + 1] if index + 1 < len(self._schedule) else torch.tensor(-1)
+
+    def _table(self):
+        """Coefficients k0..k10 of every schedule step (index i: t_i -> t_{i+1}), computed with
+        torch ops on coefficient_dtype tensors in diffusers' order of operations (fp32: its
+        roundings exactly)."""
+        t = torch.tensor(self._schedule, device="cpu")
+        p = torch.tensor(self._schedule[1:] + [-1], device="cpu")
+        acp = self._scalars()
         a = acp[t]
-        a_prev = acp[prev_t] if prev_t >= 0 else 1.0
-        b, b_prev = 1.0 - a, 1.0 - a_prev
-        current_alpha = div(a, a_prev)
-        current_beta = 1.0 - current_alpha
-        k0, k1 = x0_coeffs(c.prediction_type, a)
+        a_prev = torch.where(p >= 0, acp[p.clamp(min=0)], self.one.to("cpu", acp.dtype))
+        b, b_prev = 1 - a, 1 - a_prev
+        current_alpha = a / a_prev
+        current_beta = 1 - current_alpha
+        k0, k1 = self._x0_coeffs(self.config.prediction_type, a, b)
         # Posterior mean (DDPM eq. 7): k5 * x0 + k6 * x_t.
-        k5 = div(sqrt(a_prev) * current_beta, b)
-        k6 = div(sqrt(current_alpha) * b_prev, b)
-        variance = max(div(b_prev, b) * current_beta, 1e-20)  # diffusers clamps at 1e-20
-        mode, k8, k9, k10 = VARIANCE_SCALAR, 0.0, 0.0, 0.0
+        k5 = (a_prev ** 0.5 * current_beta) / b
+        k6 = current_alpha ** 0.5 * b_prev / b
+        variance = torch.clamp((1 - a_prev) / (1 - a) * current_beta, min=1e-20)
+        zero = torch.zeros_like(a)
+        k8 = k9 = k10 = zero
         vt = self.variance_type
         if vt == "fixed_small":
-            k8 = sqrt(variance)
+            k8 = variance ** 0.5
         elif vt == "fixed_small_log":
-            k8 = math.exp(0.5 * log(variance))
+            k8 = torch.exp(0.5 * torch.log(variance))
         elif vt == "fixed_large":
-            k8 = sqrt(current_beta)
+            k8 = current_beta ** 0.5
         elif vt == "fixed_large_log":
-            k8 = sqrt(log(current_beta))  # diffusers' quirk: sqrt of a negative log = NaN
-        elif vt == "learned":
-            mode = VARIANCE_LEARNED  # std = sqrt(v)
-        else:  # learned_range: log var = min_log + (v + 1) / 2 * (max_log - min_log)
-            mode = VARIANCE_LEARNED_RANGE  # std = exp(k9 + k10 * v)
-            min_log, max_log = log(variance), log(current_beta)
+            k8 = torch.log(current_beta) ** 0.5  # diffusers' quirk: sqrt of a negative log = NaN
+        elif vt == "learned_range":  # std = exp(0.5 * (min_log + (v + 1) / 2 * (max - min)))
+            min_log, max_log = torch.log(variance), torch.log(current_beta)
             k9, k10 = 0.25 * (min_log + max_log), 0.25 * (max_log - min_log)
-        return [k0, k1, 0.0, 0.0, 0.0, k5, k6, 0.0, k8, k9, k10], mode
+        k = torch.stack([k0, k1, zero, zero, zero, k5, k6, zero, k8, k9, k10], dim=1)
+        return k.double().numpy().tolist()  # host tensors: no device involved
+
+    def _rows(self):
+        rows = self._coeff_cache.get("rows")
+        if rows is None:
+            rows = self._coeff_cache["rows"] = self._table()
+        return rows
+
+    def coefficients(self, t: int, prev_t: Optional[int] = None):
+        """(coeffs k0..k10, variance_mode) of diffusion_step for the step from t (a schedule
+        timestep) to the next (reference.diffusion_step documents k)."""
+        t, index = self._index(t)
+        if prev_t is not None and prev_t != self.previous_timestep(t):
+            raise ValueError(f"prev_t: the step from {t} goes to {self.previous_timestep(t)} in "
+                             f"this schedule, got {prev_t}")
+        return self._rows()[index], _MODES.get(self.variance_type, VARIANCE_SCALAR)
+
+    def _get_variance(self, t, predicted_variance=None, variance_type=None):
+        """diffusers' DDPMScheduler._get_variance (fp32 tensors), for code that calls it."""
+        prev_t = self.previous_timestep(t)
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+        current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+        variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t,
+                               min=1e-20)
+        variance_type = variance_type or self.variance_type
+        if variance_type == "fixed_small_log":
+            return torch.exp(0.5 * torch.log(variance))
+        if variance_type == "fixed_large":
+            return current_beta_t
+        if variance_type == "fixed_large_log":
+            return torch.log(current_beta_t)
+        if variance_type == "learned":
+            return predicted_variance
+        if variance_type == "learned_range":
+            frac = (predicted_variance + 1) / 2
+            return frac * torch.log(current_beta_t) + (1 - frac) * torch.log(variance)
+        return variance
 
     def step(self, model_output: Tensor, timestep, sample: Tensor,
              generator: Union[torch.Generator, List[torch.Generator], None] = None,
@@ -121,15 +178,14 @@ class DDPMScheduler(SchedulerBase):
         same kernel. Noise (for t > 0) is drawn like diffusers' from `generator`, or given as
         variance_noise / noise ([B, C, *S]). Never syncs the device.
         """
-        learned = self.variance_type in ("learned", "learned_range")
+        learned = self.variance_type in _MODES
         model_output, sample, cfg, g = self._prepare(
             model_output, sample, guidance_scale, learned,
             f"variance_type={self.variance_type!r} is not learned")
-        variance_noise = resolve_noise_alias(variance_noise, noise)
-        index = self._step_index(timestep)
-        t = self._schedule[index]
-        prev_t = self._schedule[index + 1] if index + 1 < len(self._schedule) else -1
-        coeffs, mode = self.coefficients(t, prev_t)
+        if noise is not None or variance_noise is not None:
+            variance_noise = resolve_noise_alias(variance_noise, noise)
+        t, index = self._index(timestep)
+        rows = self._coeff_cache.get("rows") or self._rows()
         step_noise = None
         if t > 0:  # diffusers adds no noise at t == 0 (decided on the host)
             step_noise = self._noise(model_output, sample, generator, variance_noise)
@@ -137,4 +193,5 @@ class DDPMScheduler(SchedulerBase):
             raise ValueError("Cannot pass both generator and variance_noise: one of them must "
                              "be None")
         self._next_index = index + 1
-        return self._fused(model_output, sample, coeffs, step_noise, mode, cfg, g, return_dict)
+        return self._fused(model_output, sample, rows[index], step_noise,
+                           _MODES.get(self.variance_type, VARIANCE_SCALAR), cfg, g, return_dict)
