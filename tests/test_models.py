@@ -2,6 +2,7 @@
 equal forwards on the reference and cpu backends, routing through our ops, no host sync,
 torch.compile without graph breaks, config / state-dict errors, from_pretrained."""
 import copy
+import pickle
 import subprocess
 import sys
 from collections import Counter
@@ -364,6 +365,9 @@ def test_config_access_and_bookkeeping_keys():
         m.config["layers_per_block"] = 3
     with pytest.raises(TypeError, match="frozen"):
         m.config.layers_per_block = 3
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # torch.save pickles too
+        assert clone.config == m.config and type(clone.config) is type(m.config)
+        assert torch.equal(clone.conv_in.weight, m.conv_in.weight)
 
 
 @pytest.mark.parametrize("change,match", [

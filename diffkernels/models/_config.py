@@ -29,6 +29,9 @@ class FrozenConfig(dict):
     __setattr__ = __setitem__ = __delitem__ = _frozen
     setdefault = update = pop = popitem = clear = _frozen
 
+    def __reduce__(self):  # copy.deepcopy / pickle / torch.save rebuild it from a plain dict
+        return (FrozenConfig, (dict(self),))
+
 
 def resolve_config(cls_name: str, defaults: dict, config: dict, allowed: dict) -> FrozenConfig:
     """defaults overlaid with config. `allowed` maps a key to the values we implement."""
