@@ -134,8 +134,8 @@ def _interleaved_medians(providers, device, iters, label, shape):
     for name, fn in providers.items():  # warm-up: oneDNN primitives, allocator, autotuning
         try:
             fn()
-        except ValueError as err:
-            print(f"  {label} {shape} {name}: skipped ({err})", flush=True)
+        except (ValueError, RuntimeError) as err:  # the op's argument check (Python or C++)
+            print(f"  {label} {shape} {name}: skipped ({type(err).__name__}: {err})", flush=True)
             if name == "diffkernels-auto":
                 return {}
             continue
