@@ -34,7 +34,7 @@ def bench(args):
     from diffkernels import bench as bench_pkg
     from diffkernels.bench import common
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ops = bench_pkg.OPS if args.op == "all" else [args.op]
+    ops = bench_pkg.OPS + bench_pkg.MODELS if args.op == "all" else [args.op]
     outdir = args.out or common.default_outdir(device)
     for op in ops:
         module = importlib.import_module(f"diffkernels.bench.{op}")
@@ -46,17 +46,14 @@ def bench(args):
     print(f"results written to {outdir}")
 
 
-def bench_ops():
-    from diffkernels import bench as bench_pkg
-    return bench_pkg.OPS
-
-
 def main(argv=None):
+    from diffkernels import bench as bench_pkg
     parser = argparse.ArgumentParser(prog="python -m diffkernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, built extension, available backends")
-    b = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and SDPA")
-    b.add_argument("--op", default="all", choices=["all", *bench_ops()])
+    b = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and SDPA, "
+                                     "and the UNet/VAE against diffusers (--op unet)")
+    b.add_argument("--op", default="all", choices=["all", *bench_pkg.OPS, *bench_pkg.MODELS])
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     b.add_argument("--quick", action="store_true", help="a few shapes only")
     b.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")

@@ -1,4 +1,6 @@
-"""Benchmarks behind `python -m diffkernels bench`: one module per op (OPS), shared timing and
-reporting in common.py. benchmarks/bench_<op>.py are thin scripts over the same modules."""
+"""Benchmarks behind `python -m diffkernels bench`: one module per op (OPS), the whole model
+against diffusers (MODELS), shared timing and reporting in common.py. benchmarks/bench_<name>.py
+are thin scripts over the same modules."""
 
 OPS = ("group_norm_silu", "attention", "diffusion_step", "overhead")
+MODELS = ("unet",)  # its rows carry times and ratios, not GB/s (tests/test_models_bench.py)
