@@ -82,8 +82,18 @@ def _extension():
         extra_link_args=["-fopenmp"])
 
 
+class BuildExtension(cpp_extension.BuildExtension):
+    """One object folder for every way of building (build_ext --inplace, pip install -e,
+    pip wheel): pip's editable builds would otherwise compile everything again in a temporary
+    folder, and ninja skips what is up to date there (the CUDA sources take minutes)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "objects")
+
+
 # Metadata, dependencies and extras are in pyproject.toml; this file adds the extension.
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
