@@ -20,7 +20,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kVL = Vec::size();
 constexpr int64_t kBlockQ = 64;   // query rows per task (at most)
-constexpr int64_t kBlockK = 512;  // keys per online-softmax step
+constexpr int64_t kBlockK = 512;  // keys per online-softmax step (at most)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -120,7 +120,11 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   int64_t bq = kBlockQ;
   while (bq > 16 && B * H * ((Lq + bq - 1) / bq) < 2 * at::get_num_threads()) bq /= 2;
   const int64_t nqb = (Lq + bq - 1) / bq;
-  const int64_t bk = std::min(kBlockK, Lk);
+  // Keys per step: kBlockK, fewer for wide heads so the K^T slice of a step (D * bk floats)
+  // stays within about 256 KB of L2.
+  int64_t bk = kBlockK;
+  while (bk > 64 && D * bk > 65536) bk /= 2;
+  bk = std::min(bk, Lk);
   const int64_t ldk = (Lk + 15) / 16 * 16;  // K^T panel row stride (64-byte rows)
   const T* qd = q.const_data_ptr<T>();
   const T* kd = k.const_data_ptr<T>();
@@ -197,8 +201,9 @@ void attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         at::native::cpublas::brgemm(nq, nk, D, ldq, ldk, bk, false, qf, kt + k0, S);
         for (int64_t r = 0; r < nq; ++r)
           softmax_row(S + r * bk, bias + k0, nk, c, m[r], l[r], alpha[r]);
-        if (k0 > 0)
-          for (int64_t r = 0; r < nq; ++r) scale_row(O + r * D, D, alpha[r]);
+        if (k0 > 0)  // alpha = 1 (the row max did not grow) is common after the first steps
+          for (int64_t r = 0; r < nq; ++r)
+            if (alpha[r] != 1.f) scale_row(O + r * D, D, alpha[r]);
         at::native::cpublas::brgemm(nq, D, nk, bk, ldv, D, k0 > 0, S, vf + k0 * ldv, O);
       }
 
