@@ -63,7 +63,9 @@ def _nvidia_wheel_includes():
 
 
 def _extension():
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/cpu/capability/: each CPU kernel once per capability (csrc/cpu/kernels.h)
+    sources = (sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+               + sorted(glob.glob("csrc/cpu/capability/*.cpp")))
     cxx_flags = ["-O3", "-fopenmp"]  # cpp_extension adds the -std= this torch needs
     if not _cuda_build_possible():
         return cpp_extension.CppExtension(

@@ -1,0 +1,7 @@
+// csrc/cpu/attention_kernel.h compiled for CPU capability AVX512 (see csrc/cpu/capability.h).
+#include "../kernels.h"
+#if DK_X86_CAPABILITIES
+#define DK_CAPABILITY_AVX512
+#include "../capability.h"
+#include "../attention_kernel.h"
+#endif

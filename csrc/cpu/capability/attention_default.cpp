@@ -1,0 +1,4 @@
+// csrc/cpu/attention_kernel.h compiled for CPU capability DEFAULT (see csrc/cpu/capability.h).
+#define DK_CAPABILITY_DEFAULT
+#include "../capability.h"
+#include "../attention_kernel.h"

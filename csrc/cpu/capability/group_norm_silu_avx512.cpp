@@ -1,0 +1,7 @@
+// csrc/cpu/group_norm_silu_kernel.h compiled for CPU capability AVX512 (see csrc/cpu/capability.h).
+#include "../kernels.h"
+#if DK_X86_CAPABILITIES
+#define DK_CAPABILITY_AVX512
+#include "../capability.h"
+#include "../group_norm_silu_kernel.h"
+#endif
