@@ -56,10 +56,19 @@ struct Case {
 // 1 q NaN, 2 k NaN, 3 v NaN, 4 q +inf, 5 k -inf, 6 v +inf; with a mask, key 5 of the last batch is
 // masked (SDPA still propagates there: NaN + -inf = NaN, 0 * NaN = NaN).
 // 7: q[:, 0] > 0 and k[first 64 keys, 0] = -inf: every row's first key block scores -inf.
+// 8: q[row 3, 0] = +inf and k[:, 0] < 0: row 3 scores -inf at every key (SDPA: zeros); the zero-
+//    filled padding keys past Lk would give inf * 0 = NaN there if they were not set to -inf.
 template <typename T>
 void poison_inputs(const Case& c, Tensor4& q, Tensor4& k, Tensor4& v, std::vector<uint8_t>& mask) {
   if (c.poison == 0) return;
   const uint16_t NAN_ = from_f<T>(NAN), PINF = from_f<T>(INFINITY), NINF = from_f<T>(-INFINITY);
+  if (c.poison == 8) {
+    for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) {
+      q.at(b, h, std::min(3, c.Lq - 1), 0) = PINF;
+      for (int j = 0; j < c.Lk; ++j) k.at(b, h, j, 0) = from_f<T>(-std::fabs(to_f<T>(k.at(b, h, j, 0))) - 0.1f);
+    }
+    return;
+  }
   if (c.poison == 7) {
     for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) {
       for (int i = 0; i < c.Lq; ++i) q.at(b, h, i, 0) = from_f<T>(std::fabs(to_f<T>(q.at(b, h, i, 0))) + 0.5f);
@@ -181,7 +190,7 @@ bool run_case(const Case& c) {
       }
     }
   }
-  if (c.poison && c.poison < 7 && n_nonfinite == 0) { printf("\n    poisoned case without a non-finite output"); ok = false; }
+  if (c.poison && c.poison <= 6 && n_nonfinite == 0) { printf("\n    poisoned case without a non-finite output"); ok = false; }
   // nothing outside the logical output was written
   size_t written_outside = 0, logical = 0;
   std::vector<char> is_logical(o.raw_elems, 0);
@@ -240,6 +249,7 @@ int main(int argc, char** argv) {
       {"ninf_k_d128_f16",                    false, 1, 2, 40, 50, 128, 1, 0, 0, 0, 0, 1, -1, 5},
       {"inf_v_d160_bf16_mask",               true, 2, 1, 20, 40, 160, 0, 0, 0, 1, 0, 1, -1, 6},
       {"ninf_first_block_d40_f16",           false, 1, 1, 40, 130, 40, 0, 0, 0, 0, 0, 1, -1, 7},
+      {"inf_q_row_all_ninf_d40_bf16_77",     true, 1, 2, 20, 77, 40, 1, 0, 0, 0, 0, 1, -1, 8},
       {"nan_k_d256_f16",                     false, 1, 1, 20, 40, 256, 0, 0, 0, 0, 0, 1, -1, 2},
       {"nan_v_d512_bf16_mask_sm80",          true, 2, 1, 20, 40, 512, 0, 0, 0, 2, 0, 1, -1, 3, 163},
       {"nan_q_d264_f16_misaligned",          false, 2, 1, 20, 33, 264, 1, 3, 1, 2, 0, 1, -1, 1},

@@ -272,3 +272,16 @@ def test_minus_inf_scores_without_mask(Lk, dtype, D):
     out = _kernel().attention(q, k, v, 0.3, None)
     ref = _check_nonfinite(out, q, k, v, 0.3, None)
     assert ref[0].isfinite().all() and (ref[1] == 0).all()
+
+
+@pytest.mark.parametrize("Lk,dtype,D", [(77, F16, 40), (130, BF16, 80), (100, F32, 40),
+                                         (40, F16, 264)])
+def test_inf_query_against_padding_keys(Lk, dtype, D):
+    """q[row 3, 0] = +inf and every k[:, 0] < 0: row 3 scores -inf at every key (SDPA gives
+    zeros). The zero-filled key rows past Lk must not score inf * 0 = NaN."""
+    q, k, v = _qkv(1, 2, 20, Lk, D, dtype, "bshd")
+    q[:, :, 3, 0] = float("inf")
+    k[..., 0] = -k[..., 0].abs() - 0.1
+    out = _kernel().attention(q, k, v, D ** -0.5, None)
+    ref = _check_nonfinite(out, q, k, v, D ** -0.5, None)
+    assert (ref[:, :, 3] == 0).all() and ref.isfinite().all()
