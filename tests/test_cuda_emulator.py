@@ -19,8 +19,13 @@ Modelled (emu.h, written from the PTX ISA fragment tables, not from the kernel's
   write outside the output view, past the dynamic shared allocation, or a fully masked row that
   is not exactly zero fails the case;
 - fp16 / bf16 round-to-nearest-even conversions, fp16 overflow to inf;
+- NaN / inf inputs: the reference has the semantics of SDPA's math implementation (additive -inf
+  mask, NaN softmax rows, 0 * inf = NaN in P V), and a row the mask lets attend no key must be 0;
+- head dims above 256 (output slices over CTAs), on a 99 KB device and, with a raised opt-in
+  limit (an emulated sm_80 / sm_90), the larger configs;
 - the launch: grid / block limits, and more than 48 KB of dynamic shared memory only after
-  cudaFuncSetAttribute (capped at 99 KB, the sm_86/89 limit).
+  cudaFuncSetAttribute (capped at the device's opt-in limit: 99 KB, the sm_86/89 one, unless a
+  case emulates an sm_80 / sm_90).
 Not modelled: timing, occupancy and performance; shared-memory bank conflicts; real register
 binding (register pressure, spills, local memory); the weak memory model beyond what the barriers
 order (a plain shared store is visible at once); ex2.approx's error (exp2f is used) and the
@@ -30,7 +35,7 @@ hardware's accumulation order inside an mma; bounds of plain global loads on the
 
 By hand:
     python tests/cuda_emulator/build_emulator.py /tmp/emu && /tmp/emu/emu_test [--seed N] [case]
-Mutation check (developer tool, not CI, ~3 min): plants 17 known bugs in a copy of the kernel,
+Mutation check (developer tool, not CI, ~10 min): plants 21 known bugs in a copy of the kernel,
 each must fail:  python tests/cuda_emulator/mutate.py
 """
 import difflib

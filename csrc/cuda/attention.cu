@@ -8,12 +8,17 @@
 // accumulator, so fp16 inputs whose q.k overflows fp16 still give the right answer.
 //
 // Head dims: the MMA K-step is 16, so the kernel is templated on DP, the head dim padded to a
-// multiple of 16 in shared memory only (D = 40 -> 48, 64, 80, 160), plus generic DP = 128 / 256 for
-// the other multiples of 8 up to 256. D itself is a runtime value: columns >= D are zero-filled.
+// multiple of 16 in shared memory only (D = 40 -> 48, 64, 80, 160), plus generic DP = 128 / 256 / 384
+// / 512 for the other multiples of 8 up to 512. D itself is a runtime value: columns >= D are
+// zero-filled. Above 256 (the VAE's 512-wide head) a CTA accumulates a 128-column slice of the output
+// and recomputes the scores over the whole head dim (see attention_fwd_kernel).
 // Layout: q/k/v/out are read and written through their strides (unit last-dim stride), so the
 // transposed [B, L, H, D] views diffusers hands over are read in place. 16-byte vector loads need
 // 16-byte-aligned rows; otherwise (odd storage offsets) a scalar path gives the same result.
 // key_padding_mask: bool [B, Lk], True = attend; a row with nothing to attend gives zeros.
+// NaN / inf inputs propagate as in F.scaled_dot_product_attention's math implementation (an additive
+// -inf mask: a NaN score stays NaN, also at a masked key; 0 * NaN in P V), except that a row with
+// nothing to attend gives zeros whatever K and V hold.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -138,6 +143,7 @@ struct Params {
   int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh, o_sl, o_sd;
   int H, Lq, Lk, D;
   int n_qblocks;
+  int n_dslices;     // output head-dim slices of DV columns per (batch, head, query block)
   float scale_log2;  // scale * log2(e): softmax in base 2
   bool vec_in;       // q, k, v rows 16-byte aligned: cp.async; else scalar loads
   bool vec_out;      // out rows 16-byte aligned with unit stride: 16-byte stores; else scalar
@@ -182,9 +188,14 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t stride, int 
 }
 
 // WARPS warps, each owning MT m-tiles of 16 query rows (BM = 16 * MT * WARPS); BN keys per block.
-// Shared memory: Q [BM][LDS], K [2][BN][LDS], V [2][BN][LDS] (T elements). LDS = DP + 8: the 16-byte
-// pad shifts consecutive rows by 4 banks, so each 8-row ldmatrix phase is conflict-free.
-template <typename T, int DP, int WARPS, int MT, int BN>
+// The scores use the whole (padded) head dim DP; a program accumulates output columns
+// [dv0, dv0 + DV) of its rows: DV = DP (one slice) up to D = 256, DV < DP above, where a
+// [BM, 512] fp32 accumulator does not fit in registers: D / DV programs then share a query block,
+// each recomputing S = Q K^T (the VAE's single 512-wide head).
+// Shared memory: Q [BM][LDS], K [2][BN][LDS], V [2][BN][LDSV] (T elements). LDS = DP + 8 (LDSV =
+// DV + 8): the 16-byte pad shifts consecutive rows by 4 banks, so each 8-row ldmatrix phase is
+// conflict-free.
+template <typename T, int DP, int DV, int WARPS, int MT, int BN>
 __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async and bf16 mma need sm_80; the host refuses older devices before launching
@@ -192,13 +203,15 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
   constexpr int NTHREADS = WARPS * 32;
   constexpr int BM = 16 * MT * WARPS;
   constexpr int LDS = DP + 8;
+  constexpr int LDSV = DV + 8;
   constexpr int KS = DP / 16;  // K-steps of S = Q K^T
   constexpr int NT = BN / 8;   // 8-key n-tiles of S
-  constexpr int DT = DP / 8;   // 8-column n-tiles of O
+  constexpr int DT = DV / 8;   // 8-column n-tiles of O
   // Small heads keep their Q fragments in registers for the whole program; larger ones re-read
   // them from shared memory (ldmatrix) every K-step, which saves registers.
   constexpr bool Q_IN_REGS = MT * KS <= 8;
-  static_assert(DP % 16 == 0 && BN % 16 == 0, "tile shapes must be multiples of the MMA shape");
+  static_assert(DP % 16 == 0 && DV % 16 == 0 && BN % 16 == 0 && DV <= DP,
+                "tile shapes must be multiples of the MMA shape");
 
   T* sQ = reinterpret_cast<T*>(dyn_smem());
   T* sK = sQ + BM * LDS;
@@ -206,15 +219,18 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t = lane & 3;  // threadID_in_group; rows of this thread: g and g + 8 (g = lane >> 2)
+  // query blocks fastest, then output slices: the programs of one head run together (K/V in L2)
   const int qb = blockIdx.x % p.n_qblocks;
-  const int bh = blockIdx.x / p.n_qblocks;
+  const int ds = DV == DP ? 0 : (blockIdx.x / p.n_qblocks) % p.n_dslices;  // one slice: p.n_dslices = 1
+  const int bh = DV == DP ? blockIdx.x / p.n_qblocks : blockIdx.x / p.n_qblocks / p.n_dslices;
   const int b = bh / p.H, h = bh % p.H;
   const int q0 = qb * BM;
   const int D = p.D, Lk = p.Lk;
+  const int dv0 = ds * DV, DVv = D - dv0;  // this slice's first column, valid columns from there
 
   const T* Qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* Kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* Vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* Vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + dv0;
   const uint8_t* mrow = p.mask ? p.mask + (int64_t)b * Lk : nullptr;
   const int nkb = (Lk + BN - 1) / BN;
 
@@ -222,13 +238,25 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
   // is committed per loop iteration, so "wait until <= 1 in flight" always means block j landed.
   load_tile<T, BM, DP, NTHREADS>(sQ, Qg, p.q_sl, q0, p.Lq, D, p.vec_in, tid);
   load_tile<T, BN, DP, NTHREADS>(sK, Kg, p.k_sl, 0, Lk, D, p.vec_in, tid);
-  load_tile<T, BN, DP, NTHREADS>(sV, Vg, p.v_sl, 0, Lk, D, p.vec_in, tid);
+  load_tile<T, BN, DV, NTHREADS>(sV, Vg, p.v_sl, 0, Lk, DVv, p.vec_in, tid);
   cp_async_commit();
   if (nkb > 1) {
     load_tile<T, BN, DP, NTHREADS>(sK + BN * LDS, Kg, p.k_sl, BN, Lk, D, p.vec_in, tid);
-    load_tile<T, BN, DP, NTHREADS>(sV + BN * LDS, Vg, p.v_sl, BN, Lk, D, p.vec_in, tid);
+    load_tile<T, BN, DV, NTHREADS>(sV + BN * LDSV, Vg, p.v_sl, BN, Lk, DVv, p.vec_in, tid);
   }
   cp_async_commit();
+
+  // A mask that lets the rows attend no key gives zeros, whatever K and V hold (NaN included).
+  // Each warp scans the mask row once, while the first tiles load (outside the main loop).
+  bool no_key = false;
+  if (mrow != nullptr) {
+    float any = 0.f;
+    for (int c = lane; c < Lk; c += 32)
+      if (mrow[c] != 0) { any = 1.f; break; }
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) any = fmaxf(any, warp_xor(any, o));
+    no_key = any == 0.f;
+  }
 
   // ldmatrix row addresses of this lane (see the layouts above):
   //   A (Q, 16x16 at rows m0, cols k0): row m0 + lane % 16, col k0 + (lane / 16) * 8
@@ -268,7 +296,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
     cp_async_wait<1>();
     __syncthreads();
     const T* sKj = sK + (j & 1) * BN * LDS;
-    const T* sVj = sV + (j & 1) * BN * LDS;
+    const T* sVj = sV + (j & 1) * BN * LDSV;
 
     // ---- S = Q K^T (fp32) ----
     float s[MT][NT][4];
@@ -307,6 +335,8 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[mt][nt][e] *= p.scale_log2;
+    // Keys past Lk (zero-filled K: an inf in q would give inf * 0 = NaN) are set to -inf; masked
+    // keys get -inf added, as SDPA's additive mask does, so a NaN score stays NaN.
     const int kbase = j * BN;
     if (mrow != nullptr || kbase + BN > Lk) {  // block-uniform: only partial / masked blocks pay
 #pragma unroll
@@ -314,10 +344,14 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int c = kbase + nt * 8 + 2 * t + e;  // key of accumulator columns e and 2 + e
-          const bool keep = c < Lk && (mrow == nullptr || mrow[c] != 0);
-          if (!keep) {
+          const bool inside = c < Lk;
+          const bool attend = inside && (mrow == nullptr || mrow[c] != 0);
+          if (!attend) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) s[mt][nt][e] = s[mt][nt][2 + e] = -INFINITY;
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int f = e; f < 4; f += 2)
+                s[mt][nt][f] = inside ? s[mt][nt][f] + -INFINITY : -INFINITY;
           }
         }
     }
@@ -332,7 +366,9 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
         mx = fmaxf(mx, warp_xor(mx, 1));
         mx = fmaxf(mx, warp_xor(mx, 2));
         const float m_new = fmaxf(m_run[mt][r], mx);
-        // no attendable key so far: subtract 0, so exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN
+        // no finite score so far (a mask, or -inf scores from inf inputs): subtract 0, so
+        // exp2(-inf) = 0 instead of exp2(-inf + inf) = NaN. fmaxf drops NaN scores, but their
+        // exp2(NaN - m) = NaN still reaches l and O: the row is NaN, as in SDPA.
         const float m_sub = m_new == -INFINITY ? 0.f : m_new;
         const float alpha = fast_exp2(m_run[mt][r] - m_sub);
         m_run[mt][r] = m_new;
@@ -367,7 +403,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
 #pragma unroll
       for (int dp = 0; dp < DT / 2; ++dp) {
         u32 bv[4];
-        ldmatrix_x4_trans(bv, sVj + (kk * 16 + v_row) * LDS + dp * 16 + v_col);
+        ldmatrix_x4_trans(bv, sVj + (kk * 16 + v_row) * LDSV + dp * 16 + v_col);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           mma_16816<T>(o[mt][2 * dp], pa[mt], bv[0], bv[1]);
@@ -381,7 +417,7 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
     if (j + 2 < nkb) {
       load_tile<T, BN, DP, NTHREADS>(sK + (j & 1) * BN * LDS, Kg, p.k_sl, (j + 2) * BN, Lk, D,
                                      p.vec_in, tid);
-      load_tile<T, BN, DP, NTHREADS>(sV + (j & 1) * BN * LDS, Vg, p.v_sl, (j + 2) * BN, Lk, D,
+      load_tile<T, BN, DV, NTHREADS>(sV + (j & 1) * BN * LDSV, Vg, p.v_sl, (j + 2) * BN, Lk, DVv,
                                      p.vec_in, tid);
     }
     cp_async_commit();
@@ -398,23 +434,25 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
       float l = l_run[mt][r];
       l += warp_xor(l, 1);
       l += warp_xor(l, 2);
-      const float inv = l > 0.f ? 1.f / l : 0.f;  // no attendable key: zeros
+      // l = 0 (every score -inf): O * 0, which is 0, or NaN from a NaN/inf in V, as in SDPA.
+      // l = NaN: 0 too, O is NaN already.
+      const float inv = l > 0.f ? 1.f / l : 0.f;
       const int row = mt * 16 + (lane >> 2) + 8 * r;
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
         *reinterpret_cast<u32*>(sO + row * LDS + dt * 8 + 2 * t) =
-            pack2<T>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+            no_key ? 0u : pack2<T>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
     }
   __syncwarp();
-  T* Og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
-  constexpr int CPR = DP / 8;  // even: a warp's 16 * MT rows are a whole number of 32-chunk rounds
+  T* Og = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + dv0 * p.o_sd;
+  constexpr int CPR = DV / 8;  // even: a warp's 16 * MT rows are a whole number of 32-chunk rounds
   static_assert(MT * 16 * CPR % 32 == 0, "output chunks per warp must be a multiple of 32");
 #pragma unroll
   for (int i = 0; i < MT * 16 * CPR / 32; ++i) {
     const int c = i * 32 + lane;
     const int r = c / CPR, col = (c % CPR) * 8;
     const int row = q0 + warp * MT * 16 + r;
-    if (row < p.Lq && col < D) {
+    if (row < p.Lq && col < DVv) {
       const uint4 val = *reinterpret_cast<const uint4*>(sO + r * LDS + col);
       T* dst = Og + (int64_t)row * p.o_sl;
       if (p.vec_out) {
@@ -431,18 +469,28 @@ __global__ void __launch_bounds__(WARPS * 32) attention_fwd_kernel(const Params 
 
 // ===================================== host =====================================
 
-constexpr int kMaxSmemBytes = 99 * 1024;  // the opt-in limit of sm_86/89; sm_80/90 allow more
+// Opt-in shared memory per block: sm_86/89 allow 99 KB, sm_80 163 KB, sm_90 227 KB.
+constexpr int kSmallSmemBytes = 99 * 1024;
+constexpr int kMaxSmemBytes = 163 * 1024;
 
-template <typename T, int DP, int WARPS, int MT, int BN>
+// Q [BM][DP + 8], K [2][BN][DP + 8], V [2][BN][DV + 8] elements of T.
+template <typename T, int DP, int DV, int WARPS, int MT, int BN>
+constexpr int smem_bytes() {
+  return ((16 * MT * WARPS + 2 * BN) * (DP + 8) + 2 * BN * (DV + 8)) * int(sizeof(T));
+}
+
+template <typename T, int DP, int DV, int WARPS, int MT, int BN>
 void launch(Params& p, int64_t bh, cudaStream_t stream) {
   constexpr int BM = 16 * MT * WARPS;
-  constexpr int smem = (BM + 4 * BN) * (DP + 8) * int(sizeof(T));
-  static_assert(smem <= kMaxSmemBytes, "shared memory per block above 99 KB");
+  constexpr int smem = smem_bytes<T, DP, DV, WARPS, MT, BN>();
+  static_assert(smem <= kMaxSmemBytes, "shared memory per block above sm_80's 163 KB");
+  static_assert(DV < DP || smem <= kSmallSmemBytes, "D <= 256 must run on every sm_80+ part (99 KB)");
   p.n_qblocks = (p.Lq + BM - 1) / BM;
-  const int64_t grid = int64_t(p.n_qblocks) * bh;
+  p.n_dslices = (p.D + DV - 1) / DV;
+  const int64_t grid = int64_t(p.n_qblocks) * p.n_dslices * bh;
   TORCH_CHECK(grid <= INT32_MAX, "attention_cxx (CUDA): too many (batch, head, query block) "
               "programs: ", grid);
-  auto kernel = attention_fwd_kernel<T, DP, WARPS, MT, BN>;
+  auto kernel = attention_fwd_kernel<T, DP, DV, WARPS, MT, BN>;
   if (smem > 48 * 1024) {  // opt in to more than 48 KB, once per device (setting it twice is harmless)
     static std::atomic<bool> configured[64];
     const int dev = c10::cuda::current_device();
@@ -455,17 +503,33 @@ void launch(Params& p, int64_t bh, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Block shapes per padded head dim: (warps, m-tiles per warp, keys per block). BN = 64 keeps a
-// 77-token text context in the two K/V buffers for the whole program (cross-attention).
+// Block shapes per padded head dim: (output slice width, warps, m-tiles per warp, keys per block).
+// BN = 64 keeps a 77-token text context in the two K/V buffers for the whole program
+// (cross-attention). Up to D = 256 one program holds the whole output row (DV = DP), in at most
+// 99 KB of shared memory (every sm_80+ part). Above, 128-column output slices; the 64-row block needs 115 / 147 KB
+// (DP = 384 / 512), which sm_80 and sm_90 have; devices with less (sm_86/89: 99 KB) take a
+// 32-row block with 16-key blocks (58 / 74 KB).
 template <typename T>
 void launch_for_head_dim(Params& p, int64_t bh, cudaStream_t stream) {
   const int D = p.D;
-  if (D <= 48) launch<T, 48, 4, 2, 64>(p, bh, stream);          // 40 (and 8..48)
-  else if (D <= 64) launch<T, 64, 4, 2, 64>(p, bh, stream);     // 64, 56
-  else if (D <= 80) launch<T, 80, 4, 2, 64>(p, bh, stream);     // 80, 72
-  else if (D <= 128) launch<T, 128, 4, 2, 32>(p, bh, stream);   // generic 88..128
-  else if (D <= 160) launch<T, 160, 8, 1, 32>(p, bh, stream);   // 160, 136..152
-  else launch<T, 256, 4, 1, 32>(p, bh, stream);                 // generic 168..256
+  if (D <= 48) launch<T, 48, 48, 4, 2, 64>(p, bh, stream);          // 40 (and 8..48)
+  else if (D <= 64) launch<T, 64, 64, 4, 2, 64>(p, bh, stream);     // 64, 56
+  else if (D <= 80) launch<T, 80, 80, 4, 2, 64>(p, bh, stream);     // 80, 72
+  else if (D <= 128) launch<T, 128, 128, 4, 2, 32>(p, bh, stream);  // generic 88..128
+  else if (D <= 160) launch<T, 160, 160, 8, 1, 32>(p, bh, stream);  // 160, 136..152
+  else if (D <= 256) launch<T, 256, 256, 4, 1, 32>(p, bh, stream);  // generic 168..256
+  else {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          c10::cuda::current_device()));
+    if (D <= 384) {  // 264..384
+      if (optin >= smem_bytes<T, 384, 128, 4, 1, 32>()) launch<T, 384, 128, 4, 1, 32>(p, bh, stream);
+      else launch<T, 384, 128, 2, 1, 16>(p, bh, stream);
+    } else {  // 392..512
+      if (optin >= smem_bytes<T, 512, 128, 4, 1, 32>()) launch<T, 512, 128, 4, 1, 32>(p, bh, stream);
+      else launch<T, 512, 128, 2, 1, 16>(p, bh, stream);
+    }
+  }
 }
 
 bool rows_16b_aligned(const at::Tensor& t) {

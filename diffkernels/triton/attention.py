@@ -32,6 +32,7 @@ import triton.language as tl
 TAIL_N = tl.constexpr(16)  # key block of the general kernel's remainder loop (tl.dot minimum)
 SHORT_N0, SHORT_N1 = 64, 16  # the short kernel's two key pieces
 SHORT_MAX_LK = SHORT_N0 + SHORT_N1
+WIDE_D = 256  # head dims above it split the output's head dim over programs (BLOCK_DV)
 LOG2E = 1.4426950408889634  # the kernels use exp2: e^x = 2^(x log2 e)
 # TRITON_INTERPRET=1 (CPU tensors): the interpreter's tl.dot multiplies the raw bit patterns
 # of bf16 operands (triton 3.6 and 3.8), so there bf16 operands are widened to fp32 first.
@@ -88,33 +89,60 @@ def _load_chunks(base, offs_r, stride_r, n_rows, dv8, MASK_ROWS: tl.constexpr,
 
 
 @triton.jit
-def _store_chunks(base, acc0, acc1, inv_l, offs_r, stride_r, n_rows, dv8,
+def _store_chunks(base, acc0, acc1, l_i, keep, offs_r, stride_r, n_rows, dv8,
                   BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr):
-    """acc0/acc1 * inv_l (per row) in the output's dtype; masked rows and padded columns skipped."""
+    """acc0/acc1 / l_i (per row) in the output's dtype; masked rows and padded columns skipped.
+    l = 0 (every score -inf) divides by 1: acc is 0 then, or NaN from a NaN/inf in V, as SDPA
+    gives. keep = False (the mask lets the rows attend no key) writes zeros, whatever the data."""
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     mask = offs_r[:, None] < n_rows
     ptrs = base + offs_r[:, None] * stride_r
     offs_d0 = tl.arange(0, BLOCK_D0)
     if BLOCK_D1 == 0:
         mask = mask & ((offs_d0 // 8)[None, :] < dv8)
     out_ty = base.dtype.element_ty
-    tl.store(ptrs + offs_d0[None, :], (acc0 * inv_l[:, None]).to(out_ty), mask=mask)
+    tl.store(ptrs + offs_d0[None, :], tl.where(keep, acc0 * inv_l[:, None], 0.0).to(out_ty),
+             mask=mask)
     if BLOCK_D1 > 0:
         offs_d1 = tl.arange(0, BLOCK_D1)
         mask = mask & ((offs_d1 // 8)[None, :] < dv8)
-        tl.store(ptrs + BLOCK_D0 + offs_d1[None, :], (acc1 * inv_l[:, None]).to(out_ty),
-                 mask=mask)
+        tl.store(ptrs + BLOCK_D0 + offs_d1[None, :],
+                 tl.where(keep, acc1 * inv_l[:, None], 0.0).to(out_ty), mask=mask)
 
 
 @triton.jit
-def _key_bias(mask_row, offs_n, Lk, MASK_N: tl.constexpr, HAS_MASK: tl.constexpr):
-    """0 for keys that may be attended, -inf for keys past Lk (MASK_N) or masked out."""
-    if MASK_N:
-        valid = offs_n < Lk
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_row + offs_n, mask=valid, other=0) != 0)
+def _key_valid(mask_row, offs_n, Lk, MASK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(keys inside [0, Lk), keys the mask lets us attend) for a block of keys."""
+    inside = offs_n < Lk
+    if HAS_MASK:
+        if MASK_N:
+            attend = tl.load(mask_row + offs_n, mask=inside, other=0) != 0
+        else:
+            attend = tl.load(mask_row + offs_n) != 0
     else:
-        valid = tl.load(mask_row + offs_n) != 0
-    return tl.where(valid, 0.0, float("-inf"))
+        attend = inside
+    return inside, attend
+
+
+@triton.jit
+def _mask_scores(s, inside, attend, MASK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """SDPA's additive mask: masked keys get -inf added, so a NaN score stays NaN (as it does
+    in F.scaled_dot_product_attention). Keys past Lk are padding: set to -inf, since their
+    zero-filled K rows give inf * 0 = NaN when q holds an inf."""
+    if HAS_MASK:
+        s = s + tl.where(attend, 0.0, float("-inf"))[None, :]
+    if MASK_N:
+        s = tl.where(inside[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_base(m):
+    """The running max to subtract: 0 while it is -inf (no key with a finite score yet, from a
+    mask or from -inf scores of inf inputs), so exp2(-inf - 0) = 0 instead of
+    exp2(-inf + inf) = NaN. A NaN max (the interpreter's max keeps NaN) stays NaN: its row has
+    a NaN score, and SDPA's answer for it is NaN too."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -127,29 +155,33 @@ def _scores(q0, q1, k0, k1, qk_scale, BLOCK_D1: tl.constexpr, PRECISION: tl.cons
 
 
 @triton.jit
-def _online_block(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn, stride_vn,
-                  mask_row, start_n, Lk, dv8, qk_scale,
+def _online_block(acc0, acc1, m_i, l_i, n_keys, q0, q1, k_base, v_base, stride_kn, stride_vn,
+                  mask_row, start_n, Lk, dq8, dv8, qk_scale,
                   BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
+                  BLOCK_V0: tl.constexpr, BLOCK_V1: tl.constexpr,
                   MASK_N: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax: scores, running max and sum, rescaled P @ V."""
+    """One key block of the online softmax: scores over the head-dim chunks (D0, D1) of q/k,
+    running max and sum, rescaled P @ V over the V chunks (V0, V1) of v_base (the whole head,
+    or, in the wide kernel, one slice of it). n_keys counts the keys the mask lets us attend."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k0, k1 = _load_chunks(k_base, offs_n, stride_kn, Lk, dv8, MASK_N, BLOCK_D0, BLOCK_D1)
+    k0, k1 = _load_chunks(k_base, offs_n, stride_kn, Lk, dq8, MASK_N, BLOCK_D0, BLOCK_D1)
     s = _scores(q0, q1, k0, k1, qk_scale, BLOCK_D1, PRECISION)
     if MASK_N or HAS_MASK:
-        s = s + _key_bias(mask_row, offs_n, Lk, MASK_N, HAS_MASK)[None, :]
+        inside, attend = _key_valid(mask_row, offs_n, Lk, MASK_N, HAS_MASK)
+        s = _mask_scores(s, inside, attend, MASK_N, HAS_MASK)
+        if HAS_MASK:
+            n_keys += tl.sum(attend.to(tl.int32), 0)
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = m_new
-    if HAS_MASK:  # no attendable key yet: subtract 0, so exp2(-inf - 0) = 0, not NaN
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_use = _softmax_base(m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(v_base.dtype.element_ty)
-    v0, v1 = _load_chunks(v_base, offs_n, stride_vn, Lk, dv8, MASK_N, BLOCK_D0, BLOCK_D1)
+    v0, v1 = _load_chunks(v_base, offs_n, stride_vn, Lk, dv8, MASK_N, BLOCK_V0, BLOCK_V1)
     acc0 = _dot(p, v0, acc0 * alpha[:, None], PRECISION)
-    if BLOCK_D1 > 0:
+    if BLOCK_V1 > 0:
         acc1 = _dot(p, v1, acc1 * alpha[:, None], PRECISION)
-    return acc0, acc1, m_new, l_i
+    return acc0, acc1, m_new, l_i, n_keys
 
 
 @triton.jit
@@ -158,7 +190,12 @@ def _attn_fwd(Q, K, V, O, Mask, qk_scale,
               stride_vb8, stride_vh8, stride_vn8, stride_ob8, stride_oh8, stride_om8,
               H, Lq, Lk, D,
               HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_DV: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """BLOCK_DV = 0: the program accumulates the whole head dim (chunks D0 + D1).
+    BLOCK_DV > 0 (D > 256, where a [BLOCK_M, D] fp32 accumulator does not fit in registers):
+    program (i, j) of the 2-D grid computes the scores over the whole head dim but accumulates
+    only output columns [j * BLOCK_DV, (j + 1) * BLOCK_DV) of P V."""
     # 1-D grid, query blocks fastest: the programs of one head run together and share K/V in L2.
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
@@ -171,32 +208,41 @@ def _attn_fwd(Q, K, V, O, Mask, qk_scale,
     mask_row = Mask
     if HAS_MASK:
         mask_row = Mask + b * Lk
-    dv8 = (D - BLOCK_D0) // 8 if BLOCK_D1 > 0 else D // 8  # valid 8-column groups, last chunk
+    dq8 = (D - BLOCK_D0) // 8 if BLOCK_D1 > 0 else D // 8  # valid 8-column groups, last chunk
+    V0: tl.constexpr = BLOCK_DV if BLOCK_DV > 0 else BLOCK_D0  # accumulator chunks
+    V1: tl.constexpr = 0 if BLOCK_DV > 0 else BLOCK_D1
+    dv8 = dq8
+    if BLOCK_DV > 0:
+        dv_start = tl.program_id(1) * BLOCK_DV
+        v_base += dv_start
+        o_base += dv_start
+        dv8 = (D - dv_start) // 8  # >= BLOCK_DV // 8 except in the last slice
 
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q0, q1 = _load_chunks(q_base, offs_m, stride_qm8 * 8, Lq, dv8, True, BLOCK_D0, BLOCK_D1)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], tl.float32)
+    q0, q1 = _load_chunks(q_base, offs_m, stride_qm8 * 8, Lq, dq8, True, BLOCK_D0, BLOCK_D1)
+    acc0 = tl.zeros([BLOCK_M, V0], tl.float32)
     acc1 = acc0  # placeholder without a second chunk (the compiler drops it)
-    if BLOCK_D1 > 0:
-        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], tl.float32)
+    if V1 > 0:
+        acc1 = tl.zeros([BLOCK_M, V1], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    n_keys = 0
 
     n_full = (Lk // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc0, acc1, m_i, l_i = _online_block(
-            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn8 * 8, stride_vn8 * 8,
-            mask_row, start_n, Lk, dv8, qk_scale, BLOCK_N, BLOCK_D0, BLOCK_D1, False,
-            HAS_MASK, PRECISION)
+        acc0, acc1, m_i, l_i, n_keys = _online_block(
+            acc0, acc1, m_i, l_i, n_keys, q0, q1, k_base, v_base, stride_kn8 * 8,
+            stride_vn8 * 8, mask_row, start_n, Lk, dq8, dv8, qk_scale, BLOCK_N, BLOCK_D0,
+            BLOCK_D1, V0, V1, False, HAS_MASK, PRECISION)
     for start_n in range(n_full, Lk, TAIL_N):
-        acc0, acc1, m_i, l_i = _online_block(
-            acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, stride_kn8 * 8, stride_vn8 * 8,
-            mask_row, start_n, Lk, dv8, qk_scale, TAIL_N, BLOCK_D0, BLOCK_D1, True,
-            HAS_MASK, PRECISION)
+        acc0, acc1, m_i, l_i, n_keys = _online_block(
+            acc0, acc1, m_i, l_i, n_keys, q0, q1, k_base, v_base, stride_kn8 * 8,
+            stride_vn8 * 8, mask_row, start_n, Lk, dq8, dv8, qk_scale, TAIL_N, BLOCK_D0,
+            BLOCK_D1, V0, V1, True, HAS_MASK, PRECISION)
 
-    # A row that attended nothing has l = 0 and acc = 0: it writes zeros.
-    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    _store_chunks(o_base, acc0, acc1, inv_l, offs_m, stride_om8 * 8, Lq, dv8, BLOCK_D0, BLOCK_D1)
+    # Rows that may attend no key (the mask) write zeros, even where K/V hold NaN.
+    keep = (n_keys > 0) if HAS_MASK else True
+    _store_chunks(o_base, acc0, acc1, l_i, keep, offs_m, stride_om8 * 8, Lq, dv8, V0, V1)
 
 
 @triton.jit
@@ -228,29 +274,31 @@ def _attn_fwd_short(Q, K, V, O, Mask, qk_scale,
     v00, v01 = _load_chunks(v_base, offs_n0, stride_vn8 * 8, Lk, dv8, True, BLOCK_D0, BLOCK_D1)
     k10, k11 = _load_chunks(k_base, offs_n1, stride_kn8 * 8, Lk, dv8, True, BLOCK_D0, BLOCK_D1)
     v10, v11 = _load_chunks(v_base, offs_n1, stride_vn8 * 8, Lk, dv8, True, BLOCK_D0, BLOCK_D1)
-    bias0 = _key_bias(mask_row, offs_n0, Lk, True, HAS_MASK)[None, :]
-    bias1 = _key_bias(mask_row, offs_n1, Lk, True, HAS_MASK)[None, :]
+    inside0, attend0 = _key_valid(mask_row, offs_n0, Lk, True, HAS_MASK)
+    inside1, attend1 = _key_valid(mask_row, offs_n1, Lk, True, HAS_MASK)
+    keep = True
+    if HAS_MASK:  # rows that may attend no key write zeros, even where K/V hold NaN
+        keep = tl.sum(attend0.to(tl.int32), 0) + tl.sum(attend1.to(tl.int32), 0) > 0
 
     for mb in range(pid % PROGS_M, tl.cdiv(Lq, BLOCK_M), PROGS_M):
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         q0, q1 = _load_chunks(q_base, offs_m, stride_qm8 * 8, Lq, dv8, True, BLOCK_D0, BLOCK_D1)
         # Single-pass softmax over all keys.
-        s0 = _scores(q0, q1, k00, k01, qk_scale, BLOCK_D1, PRECISION) + bias0
-        s1 = _scores(q0, q1, k10, k11, qk_scale, BLOCK_D1, PRECISION) + bias1
-        m = tl.maximum(tl.max(s0, 1), tl.max(s1, 1))
-        if HAS_MASK:  # a row with no attendable key: exp2(-inf - 0) = 0, then zeros out
-            m = tl.where(m == float("-inf"), 0.0, m)
+        s0 = _mask_scores(_scores(q0, q1, k00, k01, qk_scale, BLOCK_D1, PRECISION),
+                          inside0, attend0, True, HAS_MASK)
+        s1 = _mask_scores(_scores(q0, q1, k10, k11, qk_scale, BLOCK_D1, PRECISION),
+                          inside1, attend1, True, HAS_MASK)
+        m = _softmax_base(tl.maximum(tl.max(s0, 1), tl.max(s1, 1)))
         p0 = tl.exp2(s0 - m[:, None])
         p1 = tl.exp2(s1 - m[:, None])
         l = tl.sum(p0, 1) + tl.sum(p1, 1)
-        inv_l = 1.0 / tl.where(l == 0.0, 1.0, l)  # l = 0: acc = 0 too
         p0 = p0.to(v00.dtype)
         p1 = p1.to(v00.dtype)
         acc0 = _dot(p1, v10, _dot(p0, v00, None, PRECISION), PRECISION)
         acc1 = acc0  # placeholder without a second chunk
         if BLOCK_D1 > 0:
             acc1 = _dot(p1, v11, _dot(p0, v01, None, PRECISION), PRECISION)
-        _store_chunks(o_base, acc0, acc1, inv_l, offs_m, stride_om8 * 8, Lq, dv8, BLOCK_D0,
+        _store_chunks(o_base, acc0, acc1, l, keep, offs_m, stride_om8 * 8, Lq, dv8, BLOCK_D0,
                       BLOCK_D1)
 
 
@@ -259,7 +307,10 @@ def _attn_fwd_short(Q, K, V, O, Mask, qk_scale,
 def head_blocks(D, dtype=torch.float16):
     """(D0, D1): the power-of-two chunks (each >= 16, D1 = 0 for one chunk) covering D with
     the fewest padded columns: 40 -> (32, 16), 80 -> (64, 16), 160 -> (128, 32). fp32 (exact
-    FMA dots, a correctness path) uses one power-of-two block: fewer kernels to build."""
+    FMA dots, a correctness path) uses one power-of-two block up to 256: fewer kernels to
+    build. D > 256 (the wide kernel, every dtype): 256 + the rest, 512 -> (256, 256)."""
+    if D > WIDE_D:
+        return WIDE_D, max(16, triton.next_power_of_2(D - WIDE_D))
     if dtype == torch.float32:
         return max(16, triton.next_power_of_2(D)), 0
     d0 = max(16, 1 << (D.bit_length() - 1))
@@ -284,6 +335,11 @@ _GENERAL_FP32 = ((32, 32, 32, 4, 2), (128, 32, 32, 8, 2), (256, 32, 16, 8, 2))
 # _attn_fwd_short, fp16/bf16: (max width, BLOCK_M, num_warps, num_stages); wider heads take
 # the general kernel (all of K/V for D = 192..256 does not fit beside the Q pipeline).
 _SHORT = ((48, 128, 4, 3), (128, 128, 8, 3), (160, 128, 8, 2))
+# _attn_fwd with D > 256 (the VAE's 512-wide head): (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps,
+# num_stages). A [BLOCK_M, 512] fp32 accumulator does not fit in registers beside the Q tile,
+# so each program accumulates a BLOCK_DV-wide slice of the output and recomputes the scores
+# over the whole head dim: D / BLOCK_DV times the Q K^T work, no spills.
+WIDE = dict(lowp=(64, 32, 128, 4, 2), fp32=(32, 16, 128, 8, 2))
 
 
 def _pick(table, width):
@@ -291,7 +347,7 @@ def _pick(table, width):
 
 
 def _plan(B, H, Lq, Lk, D, dtype, has_mask, num_sms):
-    """What one call launches: (kernel, constexprs, num_warps, num_stages, grid size, extra
+    """What one call launches: (kernel, constexprs, num_warps, num_stages, grid, extra
     runtime args after D)."""
     d0, d1 = head_blocks(D, dtype)
     meta = dict(HAS_MASK=has_mask, BLOCK_D0=d0, BLOCK_D1=d1,
@@ -302,10 +358,14 @@ def _plan(B, H, Lq, Lk, D, dtype, has_mask, num_sms):
         # About two resident programs per SM, each streaming several query blocks.
         progs_m = max(1, min(num_m, triton.cdiv(2 * num_sms, B * H)))
         meta.update(BLOCK_M=bm, BLOCK_N0=SHORT_N0, BLOCK_N1=SHORT_N1)
-        return _attn_fwd_short, meta, warps, stages, progs_m * B * H, (progs_m,)
+        return _attn_fwd_short, meta, warps, stages, (progs_m * B * H,), (progs_m,)
+    if D > WIDE_D:
+        bm, bn, bdv, warps, stages = WIDE["fp32" if dtype == torch.float32 else "lowp"]
+        meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=bdv)
+        return _attn_fwd, meta, warps, stages, (triton.cdiv(Lq, bm) * B * H, triton.cdiv(D, bdv)), ()
     bm, bn, warps, stages = _pick(_GENERAL_FP32 if dtype == torch.float32 else _GENERAL, d0 + d1)
-    meta.update(BLOCK_M=bm, BLOCK_N=bn)
-    return _attn_fwd, meta, warps, stages, triton.cdiv(Lq, bm) * B * H, ()
+    meta.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_DV=0)
+    return _attn_fwd, meta, warps, stages, (triton.cdiv(Lq, bm) * B * H,), ()
 
 
 def _aligned(t):
@@ -344,7 +404,7 @@ def attention(q, k, v, scale, key_padding_mask=None):
                                                      key_padding_mask is not None, num_sms)
     other_gpu = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if other_gpu else contextlib.nullcontext():
-        kernel[(grid,)](q, k, v, out, key_padding_mask, scale * LOG2E,
+        kernel[grid](q, k, v, out, key_padding_mask, scale * LOG2E,
                         *_strides8(q), *_strides8(k), *_strides8(v), *_strides8(out),
                         H, Lq, Lk, D, *extra, num_warps=warps, num_stages=stages, **meta)
     return out
@@ -359,7 +419,8 @@ def spec_name(kernel, dtype, meta):
     """Names one compiled variant (the kernel and its constexprs)."""
     keys = f"n{meta['BLOCK_N']}" if "BLOCK_N" in meta else f"n{meta['BLOCK_N0']}+{meta['BLOCK_N1']}"
     return (f"{kernel.__name__.strip('_')}-{_TYPES[dtype]}-d{meta['BLOCK_D0']}+{meta['BLOCK_D1']}"
-            f"-m{meta['BLOCK_M']}-{keys}" + ("-mask" if meta["HAS_MASK"] else ""))
+            f"-m{meta['BLOCK_M']}-{keys}" + (f"-dv{meta['BLOCK_DV']}" if meta.get("BLOCK_DV") else "")
+            + ("-mask" if meta["HAS_MASK"] else ""))
 
 
 def _arg_type(value):
@@ -418,6 +479,6 @@ def compile_specs():
 def _spec_D(dtype):
     """One head dim per head-dim block (the smallest that maps to it: 40, 72, 152, ...)."""
     out = {}
-    for D in range(256, 7, -8):
+    for D in range(512, 7, -8):
         out[head_blocks(D, dtype)] = D
     return sorted(out.values())

@@ -347,6 +347,7 @@ inline u32 pack2(float lo, float hi) { return u32(from_f<T>(lo)) | (u32(from_f<T
 using cudaStream_t = struct CUstream_st*;
 using cudaError_t = int;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
 
 #define TORCH_CHECK(cond, ...) \
   do { if (!(cond)) emu::fail("TORCH_CHECK(" #cond ") failed in the host launch code"); } while (0)
@@ -358,6 +359,9 @@ namespace c10::cuda { inline int current_device() { return 0; } }
 namespace emu {
 // The smallest opt-in shared memory limit of the sm_80+ parts (sm_86 / sm_89: 99 KB).
 constexpr int kMaxOptInSmem = 99 * 1024;
+// The emulated device's opt-in limit (cudaDeviceGetAttribute, cudaFuncSetAttribute): 99 KB unless
+// a case emulates an sm_80 (163 KB) or sm_90 (227 KB).
+inline int optin_smem = kMaxOptInSmem;
 inline std::map<const void*, int> max_dyn_smem;  // per kernel, set by cudaFuncSetAttribute
 struct LaunchInfo { long long grid = 0; int block = 0; long long smem = 0; };
 inline LaunchInfo last_launch;
@@ -381,7 +385,13 @@ void launch_kernel(void (*fn)(P...), long long grid, int block, long long smem, 
 
 template <typename... P>
 cudaError_t cudaFuncSetAttribute(void (*fn)(P...), cudaFuncAttribute, int value) {
-  if (value < 0 || value > emu::kMaxOptInSmem) return 1;  // cudaErrorInvalidValue
+  if (value < 0 || value > emu::optin_smem) return 1;  // cudaErrorInvalidValue
   emu::max_dyn_smem[reinterpret_cast<const void*>(fn)] = value;
+  return 0;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int device) {
+  if (device != 0) return 1;  // cudaErrorInvalidDevice
+  *value = emu::optin_smem;
   return 0;
 }

@@ -47,7 +47,41 @@ struct Case {
   double scale;     // 0 -> D^-0.5
   double amp;       // input magnitude
   int out_layout;   // -1: like empty_like(q); 0/1/2 explicit; +10: storage offset 1
+  int poison = 0;   // NaN/inf inputs, see poison_inputs
+  int optin_kb = 0; // the emulated device's opt-in shared memory (KB); 0: 99 (sm_86/89)
 };
+
+// Non-finite inputs (DESIGN.md 7: they propagate as SDPA's math implementation propagates them).
+// 1..6: one element of every batch: q (row 3) or k / v (key 5), column 5, becomes
+// 1 q NaN, 2 k NaN, 3 v NaN, 4 q +inf, 5 k -inf, 6 v +inf; with a mask, key 5 of the last batch is
+// masked (SDPA still propagates there: NaN + -inf = NaN, 0 * NaN = NaN).
+// 7: q[:, 0] > 0 and k[first 64 keys, 0] = -inf: every row's first key block scores -inf.
+// 8: q[row 3, 0] = +inf and k[:, 0] < 0: row 3 scores -inf at every key (SDPA: zeros); the zero-
+//    filled padding keys past Lk would give inf * 0 = NaN there if they were not set to -inf.
+template <typename T>
+void poison_inputs(const Case& c, Tensor4& q, Tensor4& k, Tensor4& v, std::vector<uint8_t>& mask) {
+  if (c.poison == 0) return;
+  const uint16_t NAN_ = from_f<T>(NAN), PINF = from_f<T>(INFINITY), NINF = from_f<T>(-INFINITY);
+  if (c.poison == 8) {
+    for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) {
+      q.at(b, h, std::min(3, c.Lq - 1), 0) = PINF;
+      for (int j = 0; j < c.Lk; ++j) k.at(b, h, j, 0) = from_f<T>(-std::fabs(to_f<T>(k.at(b, h, j, 0))) - 0.1f);
+    }
+    return;
+  }
+  if (c.poison == 7) {
+    for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) {
+      for (int i = 0; i < c.Lq; ++i) q.at(b, h, i, 0) = from_f<T>(std::fabs(to_f<T>(q.at(b, h, i, 0))) + 0.5f);
+      for (int j = 0; j < std::min(64, c.Lk); ++j) k.at(b, h, j, 0) = NINF;
+    }
+    return;
+  }
+  Tensor4* t = c.poison % 3 == 1 ? &q : c.poison % 3 == 2 ? &k : &v;
+  const uint16_t val = c.poison <= 3 ? NAN_ : c.poison == 5 ? NINF : PINF;
+  const int row = t == &q ? 3 : 5;
+  for (int b = 0; b < c.B; ++b) t->at(b, 0, std::min(row, t->L - 1), std::min(5, c.D - 1)) = val;
+  if (c.mask && c.Lk > 5) mask[size_t(c.B - 1) * c.Lk + 5] = 0;
+}
 
 template <typename T>
 bool run_case(const Case& c) {
@@ -67,6 +101,7 @@ bool run_case(const Case& c) {
     if (c.mask == 2) for (int j = 0; j < c.Lk; ++j) mask[j] = 0;
     if (c.mask == 3) for (int b = 0; b < c.B; ++b) for (int j = 0; j < std::min(64, c.Lk); ++j) mask[b * c.Lk + j] = 0;
   }
+  poison_inputs<T>(c, q, k, v, mask);
   // out: empty_like(q) keeps q's strides when q is dense, else contiguous
   int ol = c.out_layout % 10, ooff = c.out_layout >= 10 ? 1 : 0;
   if (c.out_layout == -1) { ol = (c.pad == 0 && c.offset == 0) ? c.layout : 0; ooff = 0; }
@@ -101,43 +136,61 @@ bool run_case(const Case& c) {
   printf("%-34s vec_in=%d vec_out=%d", c.name, p.vec_in, p.vec_out);
   fflush(stdout);
   emu::n_collectives = 0;
+  emu::optin_smem = c.optin_kb ? c.optin_kb * 1024 : emu::kMaxOptInSmem;
   launch_for_head_dim<T>(p, int64_t(c.B) * c.H, nullptr);
   printf("  [grid=%lld block=%d smem=%lld]", emu::last_launch.grid, emu::last_launch.block,
          emu::last_launch.smem);
 
-  // reference (float64 from the rounded inputs)
+  // reference (float64 from the rounded inputs) with the semantics of SDPA's math implementation:
+  // an additive -inf mask, softmax (NaN if a score is NaN or the max is +inf; zeros if every score
+  // is -inf), then P V (0 * inf = NaN); plus our contract: a row the mask lets attend no key is 0.
   double max_err = 0, max_ref = 0;
   bool ok = true;
+  long long n_nonfinite = 0;
   const double tol = c.bf16 ? 1.6e-2 : 2e-3;
   std::vector<double> s(c.Lk);
   for (int b = 0; b < c.B; ++b) for (int h = 0; h < c.H; ++h) for (int i = 0; i < c.Lq; ++i) {
     double mx = -INFINITY;
+    bool any_key = !c.mask, any_nan = false;
     for (int j = 0; j < c.Lk; ++j) {
       double acc = 0;
       for (int d = 0; d < c.D; ++d) acc += double(to_f<T>(q.at(b, h, i, d))) * double(to_f<T>(k.at(b, h, j, d)));
-      s[j] = (c.mask && !mask[b * c.Lk + j]) ? -INFINITY : acc * scale;
+      const bool attend = !c.mask || mask[b * c.Lk + j];
+      any_key |= attend;
+      s[j] = acc * scale + (attend ? 0.0 : -INFINITY);
+      any_nan |= std::isnan(s[j]);
       mx = std::max(mx, s[j]);
     }
+    if (any_nan) mx = NAN;
     double sum = 0;
     for (int j = 0; j < c.Lk; ++j) { s[j] = mx == -INFINITY ? 0.0 : std::exp(s[j] - mx); sum += s[j]; }
     for (int d = 0; d < c.D; ++d) {
       double ref = 0;
-      if (sum > 0) { for (int j = 0; j < c.Lk; ++j) ref += s[j] * double(to_f<T>(v.at(b, h, j, d))); ref /= sum; }
+      for (int j = 0; j < c.Lk; ++j) ref += s[j] * double(to_f<T>(v.at(b, h, j, d)));
+      if (mx != -INFINITY) ref /= sum;
+      if (!any_key) ref = 0;
       const uint16_t bits = o.at(b, h, i, d);
       const double got = to_f<T>(bits);
       const double err = std::fabs(got - ref);
-      if (!(err <= tol + tol * std::fabs(ref))) {
+      const bool match = std::isnan(ref) ? std::isnan(got)
+                         : std::isinf(ref) ? got == ref
+                                           : std::isfinite(got) && err <= tol + tol * std::fabs(ref);
+      n_nonfinite += !std::isfinite(ref);
+      if (!match) {
         if (ok) printf("\n    MISMATCH b=%d h=%d i=%d d=%d got=%g ref=%g", b, h, i, d, got, ref);
         ok = false;
       }
-      if (mx == -INFINITY && bits != 0 && bits != 0x8000) {
+      if (!any_key && bits != 0 && bits != 0x8000) {
         if (ok) printf("\n    fully masked row not exactly zero");
         ok = false;
       }
-      max_err = std::max(max_err, std::isnan(err) ? INFINITY : err);
-      max_ref = std::max(max_ref, std::fabs(ref));
+      if (std::isfinite(ref)) {
+        max_err = std::max(max_err, std::isnan(err) ? INFINITY : err);
+        max_ref = std::max(max_ref, std::fabs(ref));
+      }
     }
   }
+  if (c.poison && c.poison <= 6 && n_nonfinite == 0) { printf("\n    poisoned case without a non-finite output"); ok = false; }
   // nothing outside the logical output was written
   size_t written_outside = 0, logical = 0;
   std::vector<char> is_logical(o.raw_elems, 0);
@@ -145,8 +198,8 @@ bool run_case(const Case& c) {
     for (int d = 0; d < c.D; ++d) { is_logical[&o.at(b, h, i, d) - o.raw] = 1; ++logical; }
   for (size_t e = 0; e < o.raw_elems; ++e) if (!is_logical[e] && o.raw[e] != SENT) ++written_outside;
   if (written_outside) { printf("\n    %zu elements written outside the output view", written_outside); ok = false; }
-  printf("  max_err=%.2e (max|ref|=%.2f) collectives=%lld  %s\n", max_err, max_ref, emu::n_collectives,
-         ok ? "OK" : "FAIL");
+  printf("  max_err=%.2e (max|ref|=%.2f) nonfinite=%lld collectives=%lld  %s\n", max_err, max_ref,
+         n_nonfinite, emu::n_collectives, ok ? "OK" : "FAIL");
   for (Tensor4* t : {&q, &k, &v, &o}) free(t->raw);
   return ok;
 }
@@ -182,6 +235,24 @@ int main(int argc, char** argv) {
       {"d48_f16_out_misaligned",             false, 1, 1, 20, 30, 48, 0, 0, 0, 0, 0, 1, 10},
       {"d40_bf16_bshd_257x1031_mask",        true, 1, 1, 257, 1031, 40, 1, 0, 0, 1, 0, 1, -1},
       {"d96_f16_odd_offset_in_and_out",      false, 2, 2, 17, 33, 96, 1, 0, 1, 2, 0, 1, -1},
+      // D > 256: 128-column output slices; 163 KB opt-in (sm_80): 64-row blocks, else 32-row ones
+      {"d512_f16_bshd_70x100_mask_sm80",     false, 1, 2, 70, 100, 512, 1, 0, 0, 1, 0, 1, -1, 0, 163},
+      {"d512_bf16_40x77_batch0_masked",      true, 2, 1, 40, 77, 512, 0, 0, 0, 2, 0, 1, -1},
+      {"d264_f16_misaligned_outstrided_sm90", false, 1, 1, 33, 40, 264, 1, 3, 1, 1, 0, 1, 2, 0, 227},
+      {"d392_bf16_out_misaligned",           true, 1, 2, 20, 50, 392, 0, 0, 0, 0, 0, 1, 10},
+      {"d384_f16_sm80",                      false, 1, 1, 65, 33, 384, 0, 0, 0, 0, 0, 1, -1, 0, 163},
+      // NaN / inf inputs (poison, see poison_inputs)
+      {"nan_q_d40_f16_mask",                 false, 2, 1, 20, 77, 40, 1, 0, 0, 2, 0, 1, -1, 1},
+      {"nan_k_d64_bf16_mask",                true, 2, 2, 20, 100, 64, 0, 0, 0, 2, 0, 1, -1, 2},
+      {"nan_v_d80_f16_mask",                 false, 2, 1, 30, 70, 80, 1, 0, 0, 2, 0, 1, -1, 3},
+      {"inf_q_d40_bf16_mask",                true, 2, 1, 20, 77, 40, 0, 0, 0, 2, 0, 1, -1, 4},
+      {"ninf_k_d128_f16",                    false, 1, 2, 40, 50, 128, 1, 0, 0, 0, 0, 1, -1, 5},
+      {"inf_v_d160_bf16_mask",               true, 2, 1, 20, 40, 160, 0, 0, 0, 1, 0, 1, -1, 6},
+      {"ninf_first_block_d40_f16",           false, 1, 1, 40, 130, 40, 0, 0, 0, 0, 0, 1, -1, 7},
+      {"inf_q_row_all_ninf_d40_bf16_77",     true, 1, 2, 20, 77, 40, 1, 0, 0, 0, 0, 1, -1, 8},
+      {"nan_k_d256_f16",                     false, 1, 1, 20, 40, 256, 0, 0, 0, 0, 0, 1, -1, 2},
+      {"nan_v_d512_bf16_mask_sm80",          true, 2, 1, 20, 40, 512, 0, 0, 0, 2, 0, 1, -1, 3, 163},
+      {"nan_q_d264_f16_misaligned",          false, 2, 1, 20, 33, 264, 1, 3, 1, 2, 0, 1, -1, 1},
   };
   int fails = 0, ran = 0;
   for (const Case& c : cases) {

@@ -84,6 +84,13 @@ CASES = [
     (1, 1, 100, 1, 80, F32, "bshd", False, None),
     (2, 1, 30, 130, 160, F32, "bhsd", True, None),
     (1, 1, 20, 64, 256, F32, "slice", False, None),
+    # D > 256: the output's head dim split over programs (128-wide slices), scores over all D
+    (1, 1, 70, 100, 512, F16, "bshd", True, None),     # the VAE mid-block head
+    (2, 1, 20, 77, 512, BF16, "bhsd", True, None),
+    (1, 2, 33, 40, 264, F16, "slice", False, None),    # 256 + 8: last slice 8 columns wide
+    (1, 1, 16, 130, 392, BF16, "bshd", False, 0.1),
+    (2, 1, 20, 70, 512, F32, "bshd", True, None),
+    (1, 1, 10, 33, 328, F32, "bhsd", False, None),
 ]
 
 
@@ -122,7 +129,7 @@ def test_config_tables_keep_every_warp_busy():
     """Chained dots place warps on query rows only: BLOCK_M >= 16 rows per warp (sm_80 mma)
     and >= 64 rows per warpgroup (sm_90 wgmma), or warps would duplicate work."""
     A = _kernel()
-    for row in A._GENERAL + A._SHORT:
+    for row in A._GENERAL + A._SHORT + ((0,) + A.WIDE["lowp"],):
         bm, warps = row[1], row[-2]
         assert bm >= 16 * warps and bm >= 64 * max(1, warps // 4), row
 
@@ -156,6 +163,9 @@ def test_head_blocks_do_not_pad_to_powers_of_two():
         d0, d1 = hb(D)
         best = min(a + b for a in pow2 for b in [0] + pow2 if b < a and a + b >= D)
         assert d0 + d1 == best and d0 in pow2 and (d1 == 0 or d1 in pow2), (D, d0, d1)
+    for dtype in (F16, BF16, F32):  # D > 256: 256 + the rest's power of two, any dtype
+        assert hb(264, dtype) == (256, 16) and hb(392, dtype) == (256, 256)
+        assert hb(512, dtype) == (256, 256) and hb(320, dtype) == (256, 64)
 
 
 def test_compile_specs_cover_every_launch():
@@ -164,7 +174,7 @@ def test_compile_specs_cover_every_launch():
     A = _kernel()
     specs = {s["name"]: s for s in A.compile_specs()}
     for dtype in (F16, BF16, F32):
-        for D in range(8, 257, 8):
+        for D in range(8, 513, 8):
             for Lk in (1, 16, 64, 77, 80, 81, 128, 1031, 4096):
                 for has_mask in (False, True):
                     for B, H, Lq, sms in ((1, 1, 1, 2), (2, 8, 4096, 132), (2, 20, 1024, 78)):
@@ -176,4 +186,102 @@ def test_compile_specs_cover_every_launch():
                         assert spec["fn"] is kernel
                         assert (spec["num_warps"], spec["num_stages"]) == (warps, stages), name
                         assert all(spec["constexprs"][k] == v for k, v in meta.items()), name
-                        assert grid >= 1
+                        assert all(g >= 1 for g in grid)
+                        if D > A.WIDE_D:  # the output slices cover D
+                            assert grid[1] * meta["BLOCK_DV"] >= D > (grid[1] - 1) * meta["BLOCK_DV"]
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+# DESIGN.md 7: NaN and inf propagate as F.scaled_dot_product_attention's math implementation
+# (fp32, attn_mask = mask[:, None, None, :], an additive -inf mask) propagates them; the one
+# exception is our contract that a row the mask lets attend no key gives zeros.
+
+def _sdpa_expected(q, k, v, scale, mask):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), scale=scale,
+            attn_mask=None if mask is None else mask[:, None, None, :])
+    if mask is not None:
+        ref[~mask.any(dim=1)] = 0.0
+    return ref
+
+
+def _check_nonfinite(out, q, k, v, scale, mask):
+    ref = _sdpa_expected(q, k, v, scale, mask)
+    out = out.float()
+    assert torch.equal(out.isnan(), ref.isnan()), (
+        f"NaN pattern differs from SDPA: {int(out.isnan().sum())} NaNs, SDPA "
+        f"{int(ref.isnan().sum())}; first mismatch at "
+        f"{(out.isnan() != ref.isnan()).nonzero()[0].tolist()}")
+    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[out.isinf()],
+                                                                 ref[ref.isinf()]), "inf differs"
+    fin = ref.isfinite()
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(out[fin], ref[fin], atol=tol, rtol=tol)
+    return ref
+
+
+# kernel path per dtype: fp16 Lk = 77 the short-Lk kernel; bf16 Lk = 130 and fp32 Lk = 100 the
+# general kernel with its remainder blocks; D = 264 the wide (split head dim) kernel
+_PATHS = {F16: (77, 40), BF16: (130, 80), F32: (100, 40)}
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nonfinite_inputs_propagate_like_sdpa(where, value, masked, dtype):
+    """One NaN/inf element in batch 0 and one in batch 1 of q (query row 3), k or v (key 5).
+    With the mask, batch 0 attends nothing (zeros, whatever its data) and key 5 of batch 1 is
+    masked: SDPA still propagates a NaN there (NaN + -inf = NaN, 0 * NaN = NaN)."""
+    Lk, D = _PATHS[dtype]
+    q, k, v = _qkv(2, 2, 20, Lk, D, dtype, "bshd")
+    t = dict(q=q, k=k, v=v)[where]
+    t[:, 1, 3 if where == "q" else 5, 5] = value
+    mask = None
+    if masked:
+        mask = _mask(2, Lk)
+        mask[1, 5] = False
+    out = _kernel().attention(q, k, v, D ** -0.5, mask)
+    ref = _check_nonfinite(out, q, k, v, D ** -0.5, mask)
+    assert not ref.isfinite().all(), "the case must put a non-finite value in the output"
+
+
+@pytest.mark.parametrize("dtype,D", [(F16, 264), (BF16, 512), (F32, 264)])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nonfinite_inputs_wide_head(where, dtype, D):
+    q, k, v = _qkv(2, 1, 20, 40, D, dtype, "bhsd")
+    dict(q=q, k=k, v=v)[where][1, 0, 3, D - 3] = float("nan")
+    dict(q=q, k=k, v=v)[where][0, 0, 7, 100] = float("inf")
+    mask = _mask(2, 40)
+    out = _kernel().attention(q, k, v, D ** -0.5, mask)
+    _check_nonfinite(out, q, k, v, D ** -0.5, mask)
+
+
+@pytest.mark.parametrize("Lk,dtype,D", [(130, F16, 40), (77, BF16, 40), (100, F32, 64),
+                                         (100, BF16, 264)])
+def test_minus_inf_scores_without_mask(Lk, dtype, D):
+    """-inf scores from inf inputs, no mask: the first key block is all -inf for every row
+    (running max still -inf: exp2(-inf - -inf) must not make NaN), and the keys of batch 1
+    all give -inf (SDPA's softmax gives zeros for such a row)."""
+    q, k, v = _qkv(2, 1, 30, Lk, D, dtype, "bhsd")
+    q[..., 0] = q[..., 0].abs() + 0.5
+    k[0, :, :64, 0] = float("-inf")
+    k[1, :, :, 0] = float("-inf")
+    out = _kernel().attention(q, k, v, 0.3, None)
+    ref = _check_nonfinite(out, q, k, v, 0.3, None)
+    assert ref[0].isfinite().all() and (ref[1] == 0).all()
+
+
+@pytest.mark.parametrize("Lk,dtype,D", [(77, F16, 40), (130, BF16, 80), (100, F32, 40),
+                                         (40, F16, 264)])
+def test_inf_query_against_padding_keys(Lk, dtype, D):
+    """q[row 3, 0] = +inf and every k[:, 0] < 0: row 3 scores -inf at every key (SDPA gives
+    zeros). The zero-filled key rows past Lk must not score inf * 0 = NaN."""
+    q, k, v = _qkv(1, 2, 20, Lk, D, dtype, "bshd")
+    q[:, :, 3, 0] = float("inf")
+    k[..., 0] = -k[..., 0].abs() - 0.1
+    out = _kernel().attention(q, k, v, D ** -0.5, None)
+    ref = _check_nonfinite(out, q, k, v, D ** -0.5, None)
+    assert (ref[:, :, 3] == 0).all() and ref.isfinite().all()

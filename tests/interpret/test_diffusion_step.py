@@ -125,3 +125,46 @@ def test_compile_specs_cover_the_launcher():
         _, args, meta = ds._launch(mo, x, noise, thr, coeffs, noise_mode or 0, clip, 7.5, cfg, x, x)
         key = (ds._specialize(x)[0], tuple(meta[k] for k in meta_keys))
         assert key in have, key
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+# DESIGN.md 7: NaN and inf propagate as the eager fp32 math (reference.diffusion_step) does:
+# torch.clamp keeps NaN (a clip must not turn it into a bound), inf is clipped to the bound.
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("x0_mode", ["none", "clip", "threshold", "clip+threshold"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize("where", ["sample", "uncond", "cond", "noise", "variance", "threshold"])
+def test_nonfinite_propagates_like_eager(where, value, x0_mode, dtype):
+    clip, use_thr = X0_MODES[x0_mode]
+    if where == "threshold" and not use_thr:
+        pytest.skip("no threshold in this mode")
+    cfg, mode = True, 2 if where == "variance" else 0
+    mo, x, noise, thr, coeffs = _inputs((2, 3, 5, 7), dtype, cfg, mode, use_thr, seed=11)
+    c = x.shape[1]
+    if where == "sample":
+        x[1, 2, 3, 4] = value
+    elif where == "uncond":
+        mo[1, 2, 3, 4] = value
+    elif where == "cond":
+        mo[3, 1, 0, 0] = value
+    elif where == "noise":
+        noise[0, 0, 4, 6] = value
+    elif where == "variance":
+        mo[2, c + 1, 2, 2] = value  # cond half's variance channels
+    else:
+        thr[1] = value
+    prev, x0 = _kernel()(mo, x, noise, thr, coeffs, mode, clip, 7.5, cfg)
+    ref = reference.diffusion_step(mo.float(), x.float(), noise.float(), thr, coeffs, mode, clip,
+                                   7.5, cfg)
+    # exp(k9 + k10 * inf) may be 0, and x0 / (threshold = inf) is 0: finite answers there
+    if where != "variance" and not (where == "threshold" and value == math.inf):
+        assert not all(r.isfinite().all() for r in ref)
+    for name, out, r in (("prev_sample", prev, ref[0]), ("pred_original_sample", x0, ref[1])):
+        out = out.float()
+        assert torch.equal(out.isnan(), r.isnan()), f"{name}: NaN pattern differs from eager"
+        assert torch.equal(out.isinf(), r.isinf()) and torch.equal(out[out.isinf()],
+                                                                   r[r.isinf()]), name
+        fin = r.isfinite()
+        tol = TOL[dtype]
+        torch.testing.assert_close(out[fin], r[fin], atol=tol, rtol=tol)

@@ -166,3 +166,56 @@ def test_public_op_on_triton_backend(cl, monkeypatch):
     ref = reference.group_norm_silu(x, 4, w, b, 1e-5, True, cb)
     assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     torch.testing.assert_close(y.float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+# DESIGN.md 7: NaN and inf propagate as eager F.group_norm + F.silu propagate them (in fp32):
+# a non-finite x poisons its whole (n, group), a non-finite weight/bias only its channel, and
+# SiLU(-inf) = -inf * sigmoid(-inf) = NaN.
+
+def _eager(x, groups, w, b, eps, silu, cb):
+    xf = x.float()
+    if cb is not None:
+        xf = xf + cb.float().reshape(*cb.shape, *([1] * (x.dim() - 2)))
+    y = F.group_norm(xf, groups, None if w is None else w.float(),
+                     None if b is None else b.float(), eps)
+    return F.silu(y) if silu else y
+
+
+def assert_same_nonfinite(y, ref, tol):
+    y = y.float()
+    assert torch.equal(y.isnan(), ref.isnan()), (
+        f"NaN pattern differs from eager: {int(y.isnan().sum())} NaNs, eager "
+        f"{int(ref.isnan().sum())}")
+    assert torch.equal(y.isinf(), ref.isinf()) and torch.equal(y[y.isinf()], ref[ref.isinf()])
+    fin = ref.isfinite()
+    torch.testing.assert_close(y[fin], ref[fin], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("plan", [SINGLE, SPLIT], ids=["single", "split"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("where,value,silu", [
+    ("x", float("nan"), True), ("x", float("inf"), True), ("x", float("-inf"), False),
+    ("x0", float("nan"), True),   # the group's first element: the statistics' shift
+    ("x0", float("inf"), False),
+    ("w", float("nan"), True), ("b", float("inf"), True), ("b", float("-inf"), True),
+    ("b", float("-inf"), False), ("cb", float("nan"), True), ("cb", float("-inf"), False),
+])
+def test_nonfinite_propagates_like_eager(where, value, silu, dtype, cl, plan):
+    x, w, b, cb = _inputs((2, 12, 7, 9), dtype, cl, seed=7)
+    if where == "x":
+        x[1, 7, 3, 4] = value      # group 1 of sample 1
+    elif where == "x0":
+        x[0, 6, 0, 0] = value      # first element of group 1 of sample 0
+    elif where == "w":
+        w[5] = value
+    elif where == "b":
+        b[5] = value
+    else:
+        cb[1, 2] = value
+    y = _kernel()(x, 2, w, b, 1e-5, silu, cb, _plan_kw=plan)
+    ref = _eager(x, 2, w, b, 1e-5, silu, cb)
+    assert not ref.isfinite().all()
+    assert_same_nonfinite(y, ref, TOL[dtype])

@@ -15,15 +15,18 @@ import torch
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # DESIGN.md 6
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+NAN, INF = float("nan"), float("inf")
 
 
 def case(name, shape, G, dtype, fmt="contig", w=True, b=True, cb=True, silu=True, sms=132,
-         offset=0, scale=1.0, shift=0.0, pdtype=None, launches=None, default=False):
+         offset=0, scale=1.0, shift=0.0, pdtype=None, launches=None, poison=None, default=False):
     """One emulator run. fmt: contig | cl | cl3d; offset: storage offset of x in elements
-    (misaligned -> narrower vectors); launches: the kernel launches the path must take."""
+    (misaligned -> narrower vectors); launches: the kernel launches the path must take;
+    poison: (where, value) puts a NaN/inf into x (group 1 of the last sample), x0 (the first
+    element of group 1 of sample 0: the shift of the statistics), w, b or cb (channel 1)."""
     return dict(name=name, shape=shape, G=G, dtype=dtype, fmt=fmt, w=w, b=b, cb=cb, silu=silu,
                 sms=sms, offset=offset, scale=scale, shift=shift, pdtype=pdtype or dtype,
-                launches=launches, default=default)
+                launches=launches, poison=poison, default=default)
 
 
 D = dict(default=True)  # in the default (CI) subset
@@ -73,6 +76,25 @@ CASES = [
     case("fp16big", (2, 32, 8, 8), 8, F16, cb=False, scale=1.5e4, launches=1),
     case("fp16big", (2, 32, 8, 8), 8, F16, fmt="cl", w=False, b=False, cb=False, scale=1.5e4,
          sms=2, **D),
+    # NaN / inf (DESIGN.md 7): they propagate as eager F.group_norm + F.silu: a non-finite x
+    # poisons its (n, group), a non-finite w / b its channel; SiLU(-inf) = NaN
+    case("nan-x", (2, 8, 5, 7), 4, F16, launches=1, poison=("x", NAN), **D),
+    case("inf-x0", (2, 8, 5, 7), 4, F32, launches=1, silu=False, poison=("x0", INF), **D),
+    case("ninf-x-2rd", (1, 8, 70, 70), 2, F32, sms=1, launches=1, poison=("x", -INF), **D),
+    case("nan-x0-split", (1, 8, 40, 40), 2, F16, sms=4, launches=2, poison=("x0", NAN), **D),
+    case("inf-x-split", (2, 6, 33, 31), 3, BF16, sms=8, launches=2, poison=("x", INF)),
+    case("nan-w-split", (1, 8, 40, 40), 2, F32, sms=4, launches=2, poison=("w", NAN)),
+    case("nan-x-cl", (2, 8, 5, 7), 4, BF16, fmt="cl", launches=1, poison=("x", NAN), **D),
+    case("inf-b-cl", (2, 8, 5, 7), 4, F16, fmt="cl", launches=1, poison=("b", INF)),
+    case("ninf-b-cl", (2, 8, 5, 7), 4, F32, fmt="cl", launches=1, poison=("b", -INF), **D),
+    case("inf-x-cl-split", (2, 16, 20, 20), 4, F32, fmt="cl", sms=4, launches=3,
+         poison=("x", INF), **D),
+    case("nan-x0-cl-split", (1, 30, 17, 13), 3, F16, fmt="cl", sms=8, launches=3,
+         poison=("x0", NAN)),
+    case("nan-cb-cl-split", (1, 40, 17, 13), 4, BF16, fmt="cl", sms=8, launches=3,
+         poison=("cb", NAN), **D),
+    case("ninf-cb", (2, 8, 5, 7), 4, F32, silu=False, launches=1, poison=("cb", -INF)),
+    case("nan-x-cl-fallbk", (1, 1026, 2, 2), 1, F32, fmt="cl", launches=2, poison=("x", NAN)),
 ]
 
 
@@ -111,6 +133,16 @@ def run_case(c, gn, eps=1e-5):
     w = torch.randn(ch).to(pd) if c["w"] else None
     b = torch.randn(ch).to(pd) if c["b"] else None
     cb = torch.randn(n, ch).to(pd) if c["cb"] else None
+    if c["poison"] is not None:
+        where, value = c["poison"]
+        cg = ch // c["G"]  # channels per group
+        last, first = (-1,) * (x.dim() - 2), (0,) * (x.dim() - 2)
+        if where == "x":
+            x[(n - 1, min(ch - 1, cg + cg // 2)) + last] = value
+        elif where == "x0":
+            x[(0, cg % ch) + first] = value
+        else:
+            dict(w=w, b=b, cb=cb if cb is None else cb[-1])[where][1] = value
     l0 = torch.ops.dkemu.launches()
     t0 = time.time()
     y = gn(x, c["G"], w, b, eps, c["silu"], cb)
@@ -123,6 +155,18 @@ def run_case(c, gn, eps=1e-5):
         problems.append(f"got {y.dtype} {tuple(y.shape)}")
     elif y.stride() != torch.empty_like(x).stride():
         problems.append(f"strides {y.stride()} != those of empty_like(x)")
+    elif c["poison"] is not None:  # the non-finite outputs are eager's, the others close
+        fin = t.isfinite()
+        if fin.all():
+            problems.append("the poison left every output finite")
+        if not torch.equal(y.isnan(), t.isnan()):
+            problems.append(f"{int(y.isnan().sum())} NaNs, eager {int(t.isnan().sum())}")
+        elif not torch.equal(y.isinf(), t.isinf()) or not torch.equal(y[y.isinf()].double(),
+                                                                      t[t.isinf()]):
+            problems.append("inf outputs differ from eager")
+        elif not (err[fin] <= TOL[dtype] * (1 + t[fin].abs())).all():
+            problems.append("outside tolerance")
+        err = err[fin]
     elif not (err <= TOL[dtype] * (1 + t.abs())).all():  # NaN fails too
         problems.append("outside tolerance")
     if c["launches"] is not None and launches != c["launches"]:
@@ -130,7 +174,8 @@ def run_case(c, gn, eps=1e-5):
     line = (f"{c['name']:11s} {str(tuple(shape)):17s} G={c['G']:<4d} {str(dtype)[6:]:8s} "
             f"{c['fmt']:6s} params={str(pd)[6:]} w={c['w']:d} b={c['b']:d} cb={c['cb']:d} "
             f"silu={c['silu']:d} sms={c['sms']} off={off} launches={launches} "
-            f"maxerr={err.max().item():.2e} {dt:.1f}s")
+            f"maxerr={err.max().item() if err.numel() else 0.0:.2e} {dt:.1f}s"
+            + (f" poison={c['poison'][0]}:{c['poison'][1]}" if c["poison"] else ""))
     return not problems, ("ok   " if not problems else "FAIL ") + line + \
         ("" if not problems else "  <- " + "; ".join(problems))
 
