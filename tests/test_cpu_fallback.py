@@ -35,7 +35,7 @@ def test_cpu_ops_at_capability(level):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=level)
     files = [os.path.join(HERE, f) for f in
              ("test_group_norm_silu.py", "test_attention.py", "test_diffusion_step.py",
-              "test_nonfinite_cpu.py", "test_cpu_capability.py")]
+              "test_nonfinite.py", "test_cpu_capability.py")]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files,
                            "-k", "sd_shapes or test_shapes or backends or large or nonfinite or "
                            "capability_matches"],
