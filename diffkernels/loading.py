@@ -642,7 +642,7 @@ def load_folder_components(path, torch_dtype=None, variant=None):
             out[comp] = model_cls.from_pretrained(path, subfolder=comp, torch_dtype=dtype,
                                                   variant=variant)
         except RuntimeError as err:  # load_state_dict's strict errors
-            raise CheckpointError(f"{comp} in {path!r}: {err}") from None
+            raise CheckpointError(f"{comp} in {path!r}: {' '.join(str(err).split())}") from None
     out["text_encoder"] = out["tokenizer"] = None
     te_dir, tok_dir = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
     if os.path.isdir(te_dir):
@@ -656,9 +656,7 @@ def load_folder_components(path, torch_dtype=None, variant=None):
                           "tokenizer are not loaded; pass prompt_embeds (pip install "
                           "transformers to use prompts)", stacklevel=3)
         else:
-            kwargs = {"variant": variant} if variant else {}
-            out["text_encoder"] = CLIPTextModel.from_pretrained(
-                te_dir, local_files_only=True, **kwargs).to(dtype).eval()
+            out["text_encoder"] = _folder_text_encoder(te_dir, variant, dtype, CLIPTextModel)
             if os.path.isdir(tok_dir):
                 out["tokenizer"] = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
     sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
@@ -667,3 +665,29 @@ def load_folder_components(path, torch_dtype=None, variant=None):
         with open(sched_file) as f:
             out["scheduler_config"] = json.load(f)
     return out
+
+
+def _folder_text_encoder(folder, variant, dtype, model_cls):
+    """transformers' CLIPTextModel from config.json + model[.variant].safetensors (or
+    pytorch_model.bin), loaded by hand: the same checks as every other component, and either
+    naming (text_model.* before transformers 5.6, flat after) fits either transformers."""
+    from transformers import CLIPTextConfig
+    suffix = f".{variant}" if variant else ""
+    names = [f"model{suffix}.safetensors", f"pytorch_model{suffix}.bin"]
+    files = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    if not files:
+        raise FileNotFoundError(f"text_encoder: no {' or '.join(names)} in {folder!r}; it holds "
+                                f"{sorted(os.listdir(folder))}"
+                                + (f" (variant={variant!r} was asked for)" if variant else ""))
+    state = read_state_dict(files[0])
+    state = {k[len("text_model."):] if k.startswith("text_model.") else k: v
+             for k, v in state.items()}
+    model = model_cls(CLIPTextConfig.from_pretrained(folder, local_files_only=True))
+    state, origin = _fit_clip_names(model, state, {})
+    for key in ("text_model.embeddings.position_ids", "embeddings.position_ids"):
+        if key in model.state_dict() and key not in state:
+            state[key] = model.state_dict()[key]
+        elif key in state and key not in model.state_dict():
+            state.pop(key)
+    load_checked(model, state, "text_encoder", origin, folder)
+    return model.to(dtype).eval()

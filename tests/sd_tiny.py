@@ -265,3 +265,24 @@ def save_single_file(state, path):
     else:
         torch.save({"state_dict": state, "global_step": 1}, path)
     return path
+
+
+# ---------------------------------------------------------------- shared pytest fixture
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The SD 1.x tiny components, their diffusers folder and CompVis single files (built once
+    per test session): {"parts", "folder", "safetensors", "ckpt", "ema_ckpt", "tmp"}."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    tmp = str(tmp_path_factory.mktemp("sd_tiny"))
+    parts = diffusers_components(tmp)
+    folder = save_folder(parts, os.path.join(tmp, "folder"))
+    ldm = to_ldm(parts)
+    return dict(parts=parts, folder=folder, tmp=tmp, ldm=ldm,
+                safetensors=save_single_file(ldm, os.path.join(tmp, "sd1.safetensors")),
+                ckpt=save_single_file(ldm, os.path.join(tmp, "sd1.ckpt")),
+                ema_ckpt=save_single_file(to_ldm(parts, ema=True), os.path.join(tmp, "sd1-ema.ckpt")))
