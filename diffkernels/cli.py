@@ -142,6 +142,10 @@ def _sample_parser(sub):
                     "(.safetensors, or .ckpt read with torch.load(weights_only=True)). "
                     "Nothing is downloaded. Prints load, text-encode, per-step, VAE-decode "
                     "and total times.")
+    def one_line_error(message):  # a bad flag: one line and a non-zero exit, no usage dump
+        print(f"diffkernels sample: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    s.error = one_line_error
     s.add_argument("--model", required=True, metavar="DIR_OR_FILE",
                    help="diffusers folder or .safetensors/.ckpt single file (local)")
     s.add_argument("--prompt", required=True)
