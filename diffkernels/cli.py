@@ -181,7 +181,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, device, built extension, available backends")
     b = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and SDPA, "
-                                     "and the UNet/VAE against diffusers (--op unet)")
+                                     "and the UNet/VAE (--op unet) and the whole pipeline (--op pipeline) against "
+                                     "diffusers")
     b.add_argument("--op", default="all", choices=["all", *bench_pkg.OPS, *bench_pkg.MODELS])
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     b.add_argument("--quick", action="store_true", help="a few shapes only")
