@@ -11,7 +11,7 @@ import torch
 from sd_tiny import tiny  # noqa: F401  (the session fixture)
 import sd_tiny
 
-pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from diffkernels import loading  # noqa: E402
@@ -225,3 +225,34 @@ def test_scheduler_of_another_class_runs_on_ddim(tiny, tmp_path, capsys):
     assert StableDiffusionPipeline.from_pretrained(folder, scheduler=mine).scheduler is mine
     with pytest.raises(ValueError, match="scheduler: expected 'ddim', 'ddpm'"):
         StableDiffusionPipeline.from_pretrained(folder, scheduler="euler")
+
+
+def test_conversion_agrees_with_diffusers_single_file_utils(tmp_path):
+    """The test exporter is the inverse of diffusers' own CompVis converter on SD 1.5's block
+    structure (4 levels, 2 layers, the upsampler after a transformer at .2.conv) and SD 2.x's
+    OpenCLIP layout, and our loader inverts the exporter: so our conversion is diffusers'."""
+    from diffusers.loaders import single_file_utils as sfu
+    torch.manual_seed(0)
+    unet_cfg = dict(block_out_channels=[32, 32, 64, 64], layers_per_block=2, norm_num_groups=32,
+                    cross_attention_dim=64, attention_head_dim=8, sample_size=8)  # SD 1.5 block types
+    vae_cfg = dict(sd_tiny.VAE, block_out_channels=[32, 32, 64, 64], layers_per_block=2,
+                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    parts = sd_tiny.diffusers_components(str(tmp_path), dict(unet_cfg), hidden_act="gelu")
+    parts["vae"] = diffusers.AutoencoderKL(**vae_cfg).eval()
+    ldm = sd_tiny.to_ldm(parts, open_clip=True)
+    for name, converted in (
+            ("unet", sfu.convert_ldm_unet_checkpoint(dict(ldm), dict(parts["unet"].config))),
+            ("vae", sfu.convert_ldm_vae_checkpoint(dict(ldm), dict(parts["vae"].config))),
+            ("text_encoder", sfu.convert_open_clip_checkpoint(parts["text_encoder"], dict(ldm)))):
+        ref = parts[name].state_dict()
+        if name == "text_encoder":
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()
+                         if k.removeprefix("text_model.") in ref}
+        assert set(converted) == set(ref), (name, sorted(set(converted) ^ set(ref))[:6])
+        assert all(torch.equal(converted[k].reshape(ref[k].shape), ref[k]) for k in ref), name
+    path = sd_tiny.save_single_file(ldm, str(tmp_path / "sd15ish.safetensors"))
+    comps = loading.load_single_file_components(path)
+    assert list(comps["unet"].config.down_block_types) == list(parts["unet"].config.down_block_types)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, ref = comps[name].state_dict(), parts[name].state_dict()
+        assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref), name

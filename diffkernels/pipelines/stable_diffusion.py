@@ -179,8 +179,8 @@ class StableDiffusionPipeline:
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None:
                 uncond = [""] * batch
-            elif isinstance(negative_prompt, str):
-                uncond = [negative_prompt]
+            elif isinstance(negative_prompt, str):  # the same one for every prompt
+                uncond = [negative_prompt] * batch
             else:
                 uncond = list(negative_prompt)
             if len(uncond) != batch:
