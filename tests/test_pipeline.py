@@ -86,8 +86,9 @@ def test_output_types(pipes):
 
 
 def test_no_host_sync_inside_the_loop(pipes, monkeypatch):
-    """Armed from set_timesteps until the VAE decode: any Tensor.item / tolist / bool / int /
-    float / nonzero in the loop (UNet, fused step, guidance) raises."""
+    """Armed from the progress bar's creation (right before the loop) until the VAE decode:
+    any Tensor.item / tolist / bool / int / float / nonzero / cpu / numpy in the loop (UNet,
+    fused step, guidance) raises."""
     ours, _ = pipes["ddpm"]
     state = {"armed": False, "steps": 0}
 
@@ -102,13 +103,11 @@ def test_no_host_sync_inside_the_loop(pipes, monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy"):
         trap(name)
-    set_timesteps, decode, unet_forward = (ours.scheduler.set_timesteps, ours.vae.decode,
-                                           ours.unet.forward)
+    progress_bar, decode, unet_forward = ours.progress_bar, ours.vae.decode, ours.unet.forward
 
-    def armed_set_timesteps(*args, **kwargs):
-        out = set_timesteps(*args, **kwargs)
+    def armed_progress_bar(*args, **kwargs):
         state["armed"] = True
-        return out
+        return progress_bar(*args, **kwargs)
 
     def disarmed_decode(*args, **kwargs):
         state["armed"] = False
@@ -117,7 +116,7 @@ def test_no_host_sync_inside_the_loop(pipes, monkeypatch):
     def counted_forward(*args, **kwargs):
         state["steps"] += state["armed"]
         return unet_forward(*args, **kwargs)
-    monkeypatch.setattr(ours.scheduler, "set_timesteps", armed_set_timesteps)
+    monkeypatch.setattr(ours, "progress_bar", armed_progress_bar)
     monkeypatch.setattr(ours.vae, "decode", disarmed_decode)
     monkeypatch.setattr(ours.unet, "forward", counted_forward)
     ours(prompt="a cat", guidance_scale=7.5, generator=torch.Generator().manual_seed(0),

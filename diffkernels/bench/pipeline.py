@@ -117,7 +117,7 @@ def run(device, quick=False, reps=None, cases=None, **_):
             cases = [("tiny", TINY_UNET, TINY_VAE, TINY_TEXT, 32 if quick else 64,
                       (1, 2) if quick else (2, 10), torch.float32)]
     if reps is None:
-        reps = 1 if quick else (3 if device.type == "cpu" else 5)
+        reps = 1 if quick else 5
     dev_name = common.device_name(device)
     rows = []
     for label, unet_cfg, vae_cfg, text_cfg, px, (n_short, n_long), dtype in cases:

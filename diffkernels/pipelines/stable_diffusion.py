@@ -144,8 +144,8 @@ class StableDiffusionPipeline:
         if self.text_encoder is None or self.tokenizer is None:
             missing = "text_encoder" if self.text_encoder is None else "tokenizer"
             raise ValueError(f"prompt: this pipeline has no {missing} (transformers not installed,"
-                             f" or a single file loaded without tokenizer=): pass prompt_embeds "
-                             f"and negative_prompt_embeds instead")
+                             f" or a single file loaded without tokenizer= / --tokenizer DIR): "
+                             f"pass prompt_embeds and negative_prompt_embeds instead")
         max_length = max_length or self.tokenizer.model_max_length
         ids = self.tokenizer(text, padding="max_length", max_length=max_length, truncation=True,
                              return_tensors="pt").input_ids
@@ -285,9 +285,12 @@ class StableDiffusionPipeline:
                                        prompt_embeds.dtype, device, generator, latents)
         step = self._step_fn(float(guidance_scale), do_cfg, eta, generator)
         scale_input = getattr(self.scheduler, "scale_model_input", None)
+        # Read once before the loop (the only device read): host ints go to the scheduler
+        # (a dict lookup) and the UNet (a fill on the device), so the loop never syncs.
+        host_timesteps = timesteps.tolist()
         marks = _StepClock(device)
-        with self.progress_bar(total=len(timesteps)) as bar:
-            for t in timesteps:  # elements of scheduler.timesteps: looked up without a sync
+        with self.progress_bar(total=len(host_timesteps)) as bar:
+            for t in host_timesteps:
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 if scale_input is not None:
                     model_input = scale_input(model_input, t)
