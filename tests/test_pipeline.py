@@ -2,8 +2,12 @@
 DDIM and DDPM, with and without classifier-free guidance, batches of prompts, negative prompts,
 given latents and given embeddings; output types; no host sync inside the sampling loop;
 argument errors."""
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from sd_tiny import tiny  # noqa: F401  (the session fixture)
 import sd_tiny
@@ -85,18 +89,42 @@ def test_output_types(pipes):
     assert len(ours.timings["step_s"]) == 1 and ours.timings["total_s"] > 0
 
 
+class _Taint(TorchDispatchMode):
+    """Marks every tensor computed from a marked one (the latents, the prompt embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids = set()
+
+    def mark(self, t):
+        if isinstance(t, torch.Tensor) and id(t) not in self.ids:
+            self.ids.add(id(t))
+            weakref.finalize(t, self.ids.discard, id(t))
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = tree_flatten((args, kwargs))[0]
+        if any(isinstance(a, torch.Tensor) and id(a) in self.ids for a in inputs):
+            for t in tree_flatten(out)[0]:
+                self.mark(t)
+        return out
+
+
 def test_no_host_sync_inside_the_loop(pipes, monkeypatch):
-    """Armed from the progress bar's creation (right before the loop) until the VAE decode:
-    any Tensor.item / tolist / bool / int / float / nonzero / cpu / numpy in the loop (UNet,
-    fused step, guidance) raises."""
+    """From the progress bar's creation (right before the loop) until the VAE decode, reading
+    on the host (Tensor.item / tolist / bool / int / float / nonzero / cpu / numpy) any tensor
+    computed from the latents or the prompt embeddings raises: on a GPU each would be a
+    device sync. (The scheduler may read its own host-side tables: they are not tainted.)"""
     ours, _ = pipes["ddpm"]
+    taint = _Taint()
     state = {"armed": False, "steps": 0}
 
     def trap(name):
         original = getattr(torch.Tensor, name)
 
         def method(self, *args, **kwargs):
-            if state["armed"]:
+            if state["armed"] and id(self) in taint.ids:
                 raise AssertionError(f"Tensor.{name} inside the sampling loop (host sync)")
             return original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, method)
@@ -104,6 +132,7 @@ def test_no_host_sync_inside_the_loop(pipes, monkeypatch):
     for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy"):
         trap(name)
     progress_bar, decode, unet_forward = ours.progress_bar, ours.vae.decode, ours.unet.forward
+    prepare_latents, encode_prompt = ours.prepare_latents, ours.encode_prompt
 
     def armed_progress_bar(*args, **kwargs):
         state["armed"] = True
@@ -117,15 +146,22 @@ def test_no_host_sync_inside_the_loop(pipes, monkeypatch):
         state["steps"] += state["armed"]
         return unet_forward(*args, **kwargs)
     monkeypatch.setattr(ours, "progress_bar", armed_progress_bar)
+    monkeypatch.setattr(ours, "prepare_latents", lambda *a, **k: taint.mark(prepare_latents(*a, **k)))
+    monkeypatch.setattr(ours, "encode_prompt",
+                        lambda *a, **k: tuple(map(taint.mark, encode_prompt(*a, **k))))
     monkeypatch.setattr(ours.vae, "decode", disarmed_decode)
     monkeypatch.setattr(ours.unet, "forward", counted_forward)
-    ours(prompt="a cat", guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
-         output_type="np", **SIZE)
+    with taint:
+        ours(prompt="a cat", guidance_scale=7.5, generator=torch.Generator().manual_seed(0),
+             output_type="np", **SIZE)
     assert state["steps"] == 2 and not state["armed"]
-    with pytest.raises(AssertionError, match="host sync"):  # the trap itself works
+    with taint:  # the trap itself bites on a tainted tensor
+        x = taint.mark(torch.ones(2))
+        y = x * 2
         state["armed"] = True
-        torch.ones(1).item()
-    state["armed"] = False
+        with pytest.raises(AssertionError, match="host sync"):
+            y.sum().item()
+        state["armed"] = False
 
 
 def test_prompt_embeds_without_text_encoder(pipes, tiny):
