@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 
 import torch
 
@@ -38,6 +39,8 @@ BASE_NOTES = [
     "guidance 7.5, DDIM), VAE decode, output_type='pt'; random weights, the same for both",
     "diffkernels = diffkernels.pipelines.StableDiffusionPipeline (auto backend; guidance "
     "combined inside the fused step); diffusers = diffusers.StableDiffusionPipeline, eager",
+    "extra.cpu_ms / cpu_ms_per_step: this process' CPU time (user + system, all threads) for "
+    "the same calls: less sensitive than wall time to other processes on a shared machine",
     "median_ms = latency of the whole call with the row's step count; extra.step_ms from the "
     "difference of two step counts; extra.it_s = 1000 / step_ms; ratio = diffusers / ours",
 ]
@@ -139,16 +142,23 @@ def run(device, quick=False, reps=None, cases=None, **_):
         if "diffkernels" not in live:
             continue
         times = {(name, n): [] for name in live for n in (n_short, n_long)}
+        cpu = {k: [] for k in times}
         for _ in range(reps):
             for n in (n_short, n_long):
                 for name, pipe in live.items():
+                    c0 = time.process_time()
                     times[(name, n)].append(common.median_ms(
                         lambda p=pipe, n=n: call(p, n), device, warmup=0, min_reps=1,
                         max_reps=1, budget_s=0.0))
+                    cpu[(name, n)].append((time.process_time() - c0) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
+        cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
         for name in live:
             step_ms = (med[(name, n_long)] - med[(name, n_short)]) / (n_long - n_short)
+            cpu_step = (cpu_med[(name, n_long)] - cpu_med[(name, n_short)]) / (n_long - n_short)
             extra = dict(step_ms=round(step_ms, 3),
+                         cpu_ms_per_step=round(cpu_step, 3),  # this process' CPU time: robust
+                         cpu_ms=round(cpu_med[(name, n_long)], 2),  # on a shared machine
                          it_s=round(1e3 / step_ms, 3) if step_ms > 0 else None,
                          steps_short=n_short, short_ms=round(med[(name, n_short)], 2),
                          prompts="text" if with_text else "embeddings", reps=reps)
@@ -160,5 +170,7 @@ def run(device, quick=False, reps=None, cases=None, **_):
         del ours, ref, live, providers
     NOTES[:] = BASE_NOTES + [
         f"{r.shape} {r.dtype} {r.provider}: {r.extra['step_ms']:.1f} ms/step = {r.extra['it_s']} it/s"
-        f" (UNet batch 2), {r.median_ms:.1f} ms for the whole call" for r in rows]
+        f" (UNet batch 2), {r.median_ms:.1f} ms for the whole call; process CPU time "
+        f"{r.extra['cpu_ms_per_step']:.1f} ms/step, {r.extra['cpu_ms']:.1f} ms per call"
+        for r in rows]
     return common.finish_ratios(rows, lambda group: "diffusers")
