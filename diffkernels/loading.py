@@ -432,6 +432,18 @@ def _fit_clip_names(model, state, origin):
     return state, origin
 
 
+def _position_ids(model, state):
+    """embeddings.position_ids is a buffer (0..L-1), persistent in some transformers versions
+    and not in others: taken from the model, whatever the file holds."""
+    expected = model.state_dict()
+    for key in ("text_model.embeddings.position_ids", "embeddings.position_ids"):
+        if key in expected:
+            state[key] = expected[key]
+        else:
+            state.pop(key, None)
+    return state
+
+
 def build_text_encoder(state, origin, act, dtype, overrides=None, source=""):
     try:
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -443,12 +455,7 @@ def build_text_encoder(state, origin, act, dtype, overrides=None, source=""):
     config = CLIPTextConfig(**infer_clip_config(state, act, overrides))
     model = CLIPTextModel(config)
     state, origin = _fit_clip_names(model, state, origin)
-    expected = model.state_dict()
-    if "text_model.embeddings.position_ids" in expected:  # older transformers: a persistent buffer
-        state.setdefault("text_model.embeddings.position_ids", expected["text_model.embeddings.position_ids"])
-    if "embeddings.position_ids" in expected:
-        state.setdefault("embeddings.position_ids", expected["embeddings.position_ids"])
-    load_checked(model, state, "text_encoder", origin, source)
+    load_checked(model, _position_ids(model, state), "text_encoder", origin, source)
     return model.to(dtype).eval()
 
 
@@ -684,10 +691,5 @@ def _folder_text_encoder(folder, variant, dtype, model_cls):
              for k, v in state.items()}
     model = model_cls(CLIPTextConfig.from_pretrained(folder, local_files_only=True))
     state, origin = _fit_clip_names(model, state, {})
-    for key in ("text_model.embeddings.position_ids", "embeddings.position_ids"):
-        if key in model.state_dict() and key not in state:
-            state[key] = model.state_dict()[key]
-        elif key in state and key not in model.state_dict():
-            state.pop(key)
-    load_checked(model, state, "text_encoder", origin, folder)
+    load_checked(model, _position_ids(model, state), "text_encoder", origin, folder)
     return model.to(dtype).eval()
