@@ -3,4 +3,5 @@ against diffusers (MODELS), shared timing and reporting in common.py. benchmarks
 are thin scripts over the same modules."""
 
 OPS = ("group_norm_silu", "attention", "diffusion_step", "overhead")
-MODELS = ("unet",)  # its rows carry times and ratios, not GB/s (tests/test_models_bench.py)
+MODELS = ("unet", "pipeline")  # rows carry times and ratios, not GB/s (tests/test_models_bench.py,
+#                                tests/test_pipeline.py)
