@@ -18,13 +18,18 @@ def group_norm_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     n, c = x.shape[:2]
     g = xf.reshape(n, num_groups, -1)
     mean = g.mean(dim=2, keepdim=True)
-    var = (g - mean).square().mean(dim=2, keepdim=True)
-    y = ((g - mean) * torch.rsqrt(var + eps)).reshape(xf.shape)
-    shape = (1, c) + (1,) * (x.dim() - 2)
+    rstd = torch.rsqrt((g - mean).square().mean(dim=2, keepdim=True) + eps)
+    # y = x * scale + shift per (n, c), the form F.group_norm computes, so that an inf/NaN
+    # weight or bias gives NaN/inf where eager's does (fp64 keeps x = 1e4 + noise exact).
+    spatial = (1,) * (x.dim() - 2)
+    scale = rstd.expand(n, num_groups, c // num_groups).reshape(n, c)
+    shift = -mean.expand(n, num_groups, c // num_groups).reshape(n, c) * scale
     if weight is not None:
-        y = y * weight.double().reshape(shape)
+        scale = scale * weight.double()
+        shift = shift * weight.double()
     if bias is not None:
-        y = y + bias.double().reshape(shape)
+        shift = shift + bias.double()
+    y = xf * scale.reshape(n, c, *spatial) + shift.reshape(n, c, *spatial)
     if silu:
         y = F.silu(y)
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
@@ -48,9 +53,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     NaN/inf propagate as in F.scaled_dot_product_attention's math. The output has q's strides
     when q is dense (torch.empty_like)."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    o = torch.matmul(torch.softmax(s if key_padding_mask is None else
-                                   s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf")),
-                                   dim=-1), v.float())
+    if key_padding_mask is not None:  # added, as SDPA adds a mask: a NaN score stays NaN
+        s = s + torch.zeros_like(key_padding_mask, dtype=s.dtype).masked_fill(
+            ~key_padding_mask, float("-inf"))[:, None, None, :]
+    o = torch.matmul(torch.softmax(s, dim=-1), v.float())
     if key_padding_mask is not None:  # all keys masked: zeros (softmax alone gives NaN there)
         o = o.masked_fill(~key_padding_mask.any(dim=1)[:, None, None, None], 0.0)
     out = torch.empty_like(q)
