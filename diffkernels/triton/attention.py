@@ -20,6 +20,14 @@ dot(q0, k0^T) + dot(q1, k1^T) and the output is two accumulators. D = 40 -> 32 +
 accumulator registers and K/V bytes in shared memory. The last chunk is loaded with a
 column mask (D = 40: 8 of its 16 columns) whose granularity is 8 elements (D % 8 == 0), so
 the loads stay 16-byte vectors.
+
+Head dims above 256 (up to 512, the VAE's single head): a [BLOCK_M, 512] fp32 accumulator
+does not fit in registers beside the Q tile, so `_attn_fwd` runs on a 2-D grid whose second
+axis splits the output's head dim into BLOCK_DV = 128 wide slices: every program computes the
+scores over the whole head dim (chunks 256 + the rest) and accumulates only its slice of P V.
+
+NaN and inf propagate as in F.scaled_dot_product_attention's math implementation (fp32, an
+additive -inf mask), except that a row the mask lets attend no key gives zeros.
 """
 import contextlib
 import functools
@@ -196,7 +204,7 @@ def _attn_fwd(Q, K, V, O, Mask, qk_scale,
     BLOCK_DV > 0 (D > 256, where a [BLOCK_M, D] fp32 accumulator does not fit in registers):
     program (i, j) of the 2-D grid computes the scores over the whole head dim but accumulates
     only output columns [j * BLOCK_DV, (j + 1) * BLOCK_DV) of P V."""
-    # 1-D grid, query blocks fastest: the programs of one head run together and share K/V in L2.
+    # Query blocks fastest on axis 0: the programs of one head run together and share K/V in L2.
     num_m = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0)
     b = (pid // num_m // H).to(tl.int64)
