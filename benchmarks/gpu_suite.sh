@@ -23,16 +23,26 @@ python -m diffkernels info | tee "$OUT/info.txt"
 stamp "tests ..."
 # The CPU-only verification (Triton interpreter and cubin compiles, CUDA emulators, CMake) ran in
 # CI already: the GPU's minutes go to the tests with CUDA cases.
-timeout 240 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml" \
+timeout 200 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml" \
   --ignore=tests/test_triton_compile.py --ignore=tests/test_triton_interpret.py \
   --ignore=tests/test_cuda_emulator.py --ignore=tests/test_cuda_emulator_group_norm_silu.py \
+  --ignore=tests/test_install.py --ignore=tests/test_cpu_fallback.py \
   --deselect tests/test_build.py::test_cmake_builds_the_cpu_library > "$OUT/tests.log" 2>&1
 test_rc=$?
 tail -5 "$OUT/tests.log"
 
 stamp "benchmarks ..."
-timeout 240 python -m diffkernels bench --device cuda --out "$OUT/results" > "$OUT/bench.log" 2>&1
-bench_rc=$?
+# Each part has its own limit, so a slow one (torch.compile of a full UNet) cannot starve the
+# rest; every part writes its results as it finishes.
+bench_rc=0
+for op in group_norm_silu attention diffusion_step overhead; do
+  timeout 60 python -m diffkernels bench --device cuda --op $op --out "$OUT/results" \
+    >> "$OUT/bench.log" 2>&1 || bench_rc=1
+done
+for op in unet pipeline; do  # SD-shaped fp16 models vs diffusers (needs its wheel)
+  timeout 120 python -m diffkernels bench --device cuda --op $op --quick --out "$OUT/results" \
+    >> "$OUT/bench.log" 2>&1 || bench_rc=1
+done
 
 stamp "summary"
 python - "$OUT" <<'PY'
