@@ -237,8 +237,9 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         self.ops[str(func.overloadpacket)] += 1
         if func.overloadpacket is torch.ops.diffkernels.group_norm_silu:
-            names = [a.name for a in func._schema.arguments]
-            bound = dict(zip(names, args), **kwargs)
+            # Arguments equal to the schema's defaults may be left out of args.
+            bound = {a.name: a.default_value for a in func._schema.arguments}
+            bound.update(zip(bound, args), **kwargs)
             self.gn[(bool(bound["silu"]), bound.get("channel_bias") is not None)] += 1
         return func(*args, **kwargs)
 
