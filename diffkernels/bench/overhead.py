@@ -20,20 +20,23 @@ STEP_LATENTS = [(1, 64), (2, 96), (1, 128)]
 GUIDANCE = 7.5
 
 
-def per_call_ms(fn, device, calls=200, repeats=7):
-    """Median over repeats of (time of `calls` back-to-back calls) / calls, in ms: the
-    throughput of the host loop; on CUDA it ends with a sync, so it is never below GPU time."""
-    for _ in range(20):
-        fn()
-    common._sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
+def per_call_ms(providers, device, calls=200, repeats=9):
+    """{name: ms per call} for {name: fn}: the median over repeats of (time of `calls`
+    back-to-back calls) / calls, the providers interleaved repeat by repeat so that a slow
+    moment of the machine hits all of them alike. On CUDA each timing ends with a sync."""
+    for fn in providers.values():
+        for _ in range(20):
             fn()
-        common._sync(device)
-        times.append((time.perf_counter() - t0) / calls * 1e3)
-    return statistics.median(times)
+    common._sync(device)
+    times = {name: [] for name in providers}
+    for _ in range(repeats):
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            common._sync(device)
+            times[name].append((time.perf_counter() - t0) / calls * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _op_rows(device, dev_name, calls):
@@ -76,7 +79,7 @@ def _op_rows(device, dev_name, calls):
     ]
     rows = []
     for op, shape, base, providers in cases:
-        times = {name: per_call_ms(fn, device, calls) for name, fn in providers.items()}
+        times = per_call_ms(providers, device, calls)
         for name, ms in times.items():
             extra = {"host_us": ms * 1e3}
             if name.startswith("dk."):
@@ -109,8 +112,7 @@ def _step_rows(device, dev_name, calls, latents):
                 u, c = out.chunk(2)
                 return theirs.step(u + GUIDANCE * (c - u), t, x).prev_sample
             providers["diffusers DDIM step"] = diffusers_step
-        for name, fn in providers.items():
-            ms = per_call_ms(fn, device, calls)
+        for name, ms in per_call_ms(providers, device, calls).items():
             rows.append(common.Row("overhead DDIM step", f"{b}x4x{size}x{size} cfg", "float32",
                                    dev_name, name, ms, extra={"host_us": ms * 1e3}))
     return rows
@@ -128,7 +130,8 @@ def run(device, quick=False, batches=None, compile_baseline=True):
 
 
 NOTES = ["time per call of back-to-back calls (host throughput; CUDA rows end with a sync), "
-         "median of 7 repeats; tiny inputs, so the figure is the call's fixed cost",
+         "median of 9 repeats, the providers of a row group interleaved repeat by repeat; "
+         "tiny inputs, so the figure is the call's fixed cost",
          "torch.ops (bare op) = torch.ops.diffkernels.<op>.default called directly: the C++ "
          "operator (checks, route, kernel) without the public Python function; "
          "extra.over_bare_op_us = public - bare",
