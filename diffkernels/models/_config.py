@@ -130,3 +130,17 @@ def from_pretrained(cls, path, subfolder=None, torch_dtype=None, variant=None):
         model = cls.from_config(config)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(torch_dtype or torch.float32).eval()
+
+
+class PretrainedMixin:
+    """from_config / from_pretrained, shared by the models."""
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    @classmethod
+    def from_pretrained(cls, path, subfolder=None, torch_dtype=None, variant=None):
+        """A local diffusers folder (config.json + diffusion_pytorch_model[.variant].safetensors
+        or .bin). No download."""
+        return from_pretrained(cls, path, subfolder, torch_dtype, variant)

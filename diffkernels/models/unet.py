@@ -6,7 +6,7 @@ SDXL (transformer_layers_per_block, addition_embed_type "text_time") and small t
 import torch
 from torch import nn
 
-from ._config import UNet2DConditionOutput, from_pretrained, per_block, resolve_config
+from ._config import PretrainedMixin, UNet2DConditionOutput, per_block, resolve_config
 from .embeddings import TimestepEmbedding, Timesteps
 from .resnet import group_norm
 from .unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UpBlock2D,
@@ -77,7 +77,7 @@ def _check_config(c):
             raise ValueError(f"{name}: config key {key!r} must be odd, got {c[key]}")
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(PretrainedMixin, nn.Module):
     """forward(sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
     encoder_attention_mask=None, return_dict=True) -> UNet2DConditionOutput(.sample), or a
     1-tuple with return_dict=False, as diffusers.
@@ -163,16 +163,6 @@ class UNet2DConditionModel(nn.Module):
         self.conv_act = nn.SiLU()  # fused into conv_norm_out's kernel; kept for the module tree
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel,
                                   padding=(c.conv_out_kernel - 1) // 2)
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder=None, torch_dtype=None, variant=None):
-        """A local diffusers folder (config.json + diffusion_pytorch_model[.variant].safetensors
-        or .bin). No download."""
-        return from_pretrained(cls, path, subfolder, torch_dtype, variant)
 
     @property
     def dtype(self):

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ._config import (AutoencoderKLOutput, DecoderOutput, from_pretrained, resolve_config)
+from ._config import AutoencoderKLOutput, DecoderOutput, PretrainedMixin, resolve_config
 from .resnet import group_norm
 from .unet_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 
@@ -121,7 +121,7 @@ class Decoder(nn.Module):
         return self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(PretrainedMixin, nn.Module):
     """encode(x) -> AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution),
     decode(z) -> DecoderOutput(sample); return_dict=False gives tuples, as diffusers.
     Latents for the UNet are posterior.sample(generator) * config.scaling_factor."""
@@ -148,16 +148,6 @@ class AutoencoderKL(nn.Module):
         lat = c.latent_channels
         self.quant_conv = nn.Conv2d(2 * lat, 2 * lat, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(lat, lat, 1) if c.use_post_quant_conv else None
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-    @classmethod
-    def from_pretrained(cls, path, subfolder=None, torch_dtype=None, variant=None):
-        """A local diffusers folder (config.json + diffusion_pytorch_model[.variant].safetensors
-        or .bin). No download."""
-        return from_pretrained(cls, path, subfolder, torch_dtype, variant)
 
     @property
     def dtype(self):
