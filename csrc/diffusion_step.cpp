@@ -22,7 +22,8 @@ using Outputs = std::tuple<at::Tensor, at::Tensor>;
 void check_args(const at::Tensor& model_output, const at::Tensor& sample,
                 const std::optional<at::Tensor>& noise,
                 const std::optional<at::Tensor>& threshold, c10::ArrayRef<double> coeffs,
-                int64_t variance_mode, double clip_range, bool cfg) {
+                int64_t variance_mode, double clip_range, bool cfg,
+                const std::optional<at::Tensor>& device_coeffs) {
   check_defined("model_output", model_output);
   check_defined("sample", sample);
   TORCH_CHECK_VALUE(sample.dim() >= 2, "sample: expected rank >= 2 [B, C, *spatial], got shape ",
@@ -73,8 +74,18 @@ void check_args(const at::Tensor& model_output, const at::Tensor& sample,
     check_dtype("threshold", *threshold, {at::kFloat});
     check_device("threshold", *threshold, sample, "sample");
   }
-  TORCH_CHECK_VALUE(static_cast<int64_t>(coeffs.size()) == kNumCoeffs, "coeffs: expected ",
-                    kNumCoeffs, " floats k0..k10, got ", coeffs.size());
+  if (device_coeffs.has_value()) {
+    TORCH_CHECK_VALUE(coeffs.empty(), "coeffs: expected [] with device_coeffs (the kernel reads "
+                      "k0..k10 from device_coeffs), got ", coeffs.size(), " floats");
+    TORCH_CHECK_VALUE(device_coeffs->dim() == 1 && device_coeffs->size(0) == kNumCoeffs,
+                      "device_coeffs: expected shape [", kNumCoeffs, "] (k0..k10), got ",
+                      device_coeffs->sizes());
+    check_dtype("device_coeffs", *device_coeffs, {at::kFloat});
+    check_device("device_coeffs", *device_coeffs, sample, "sample");
+  } else {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(coeffs.size()) == kNumCoeffs, "coeffs: expected ",
+                      kNumCoeffs, " floats k0..k10, got ", coeffs.size());
+  }
   TORCH_CHECK_VALUE(clip_range >= 0, "clip_range: expected >= 0 (0 = no clipping), got ",
                     py_float(clip_range));
 }
@@ -87,37 +98,49 @@ Outputs diffusion_step(const at::Tensor& model_output_, const at::Tensor& sample
                        const std::optional<at::Tensor>& noise_,
                        const std::optional<at::Tensor>& threshold_, c10::ArrayRef<double> coeffs,
                        int64_t variance_mode, double clip_range, double guidance_scale,
-                       bool cfg) {
-  check_args(model_output_, sample_, noise_, threshold_, coeffs, variance_mode, clip_range, cfg);
+                       bool cfg, const std::optional<at::Tensor>& device_coeffs_) {
+  check_args(model_output_, sample_, noise_, threshold_, coeffs, variance_mode, clip_range, cfg,
+             device_coeffs_);
   if (sample_.numel() == 0)
     return {at::empty(sample_.sizes(), sample_.options()),
             at::empty(sample_.sizes(), sample_.options())};
   // Kernels see contiguous tensors; the outputs are contiguous in sample's dtype.
   const at::Tensor model_output = model_output_.contiguous(), sample = sample_.contiguous();
   const auto noise = contiguous(noise_), threshold = contiguous(threshold_);
+  const auto device_coeffs = contiguous(device_coeffs_);
   const bool kernel_dtype = is_kernel_dtype(sample.scalar_type());
   const Backend b = route(sample.device().type(), kernel_dtype, kernel_dtype);
-  if (b == Backend::Cpu)
-    return diffusion_step_cpu(model_output, sample, noise, threshold, coeffs, variance_mode,
-                              clip_range, guidance_scale, cfg);
+  if (b == Backend::Cpu) {
+    // Host memory: read the coefficients here, the kernel takes them by value.
+    std::vector<double> host_coeffs(coeffs.begin(), coeffs.end());
+    if (device_coeffs.has_value()) {
+      const float* k = device_coeffs->const_data_ptr<float>();
+      host_coeffs.assign(k, k + kNumCoeffs);
+    }
+    return diffusion_step_cpu(model_output, sample, noise, threshold, host_coeffs,
+                              variance_mode, clip_range, guidance_scale, cfg);
+  }
 #ifdef DIFFKERNELS_WITH_CUDA
   if (b == Backend::Cuda)
     return diffusion_step_cuda(model_output, sample, noise, threshold, coeffs, variance_mode,
-                               clip_range, guidance_scale, cfg);
+                               clip_range, guidance_scale, cfg,
+                               device_coeffs ? device_coeffs->const_data_ptr<float>() : nullptr);
 #endif
   static const auto python = python_backend_op("diffkernels::_diffusion_step_backend")
       .typed<Outputs(c10::string_view, const at::Tensor&, const at::Tensor&,
                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                     c10::ArrayRef<double>, int64_t, double, double, bool)>();
+                     c10::ArrayRef<double>, int64_t, double, double, bool,
+                     const std::optional<at::Tensor>&)>();
   return python.call(backend_name(b), model_output, sample, noise, threshold, coeffs,
-                     variance_mode, clip_range, guidance_scale, cfg);
+                     variance_mode, clip_range, guidance_scale, cfg, device_coeffs);
 }
 
 Outputs diffusion_step_autograd(const at::Tensor& model_output, const at::Tensor& sample,
                                 const std::optional<at::Tensor>& noise,
                                 const std::optional<at::Tensor>& threshold,
                                 c10::ArrayRef<double> coeffs, int64_t variance_mode,
-                                double clip_range, double guidance_scale, bool cfg) {
+                                double clip_range, double guidance_scale, bool cfg,
+                                const std::optional<at::Tensor>& device_coeffs) {
   static const auto op = c10::Dispatcher::singleton()
       .findSchemaOrThrow("diffkernels::diffusion_step", "")
       .typed<decltype(diffusion_step)>();
@@ -125,7 +148,7 @@ Outputs diffusion_step_autograd(const at::Tensor& model_output, const at::Tensor
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     out = op.call(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
-                  guidance_scale, cfg);
+                  guidance_scale, cfg, device_coeffs);
   }
   raise_at_backward("diffkernels::diffusion_step: backward is not implemented (forward-only "
                     "sampler step)", {std::get<0>(out), std::get<1>(out)}, model_output, sample,
@@ -171,7 +194,7 @@ at::Tensor dynamic_threshold(const at::Tensor& model_output, const at::Tensor& s
 TORCH_LIBRARY_FRAGMENT(diffkernels, m) {
   m.def("diffusion_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor? threshold, "
         "float[] coeffs, int variance_mode=0, float clip_range=0., float guidance_scale=1., "
-        "bool cfg=False) -> (Tensor, Tensor)");
+        "bool cfg=False, Tensor? device_coeffs=None) -> (Tensor, Tensor)");
   // Plain ATen ops (CompositeImplicitAutograd): torch.compile traces through it.
   m.def("dynamic_threshold(Tensor model_output, Tensor sample, float[] coeffs, float ratio, "
         "float max_value, float guidance_scale=1., bool cfg=False) -> Tensor",

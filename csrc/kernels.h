@@ -38,11 +38,13 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
 // Whether attention_cuda handles q's dtype, head dim and device (fp16/bf16, sm_80+).
 bool attention_cuda_supports(const at::Tensor& q);
 
+// device_coeffs: k0..k10 in device memory (fp32 [11], read by the kernel: CUDA graphs replay
+// one capture for every step), or nullptr for coeffs (passed by value).
 std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
     const at::Tensor& model_output, const at::Tensor& sample,
     const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& threshold,
     c10::ArrayRef<double> coeffs, int64_t variance_mode, double clip_range,
-    double guidance_scale, bool cfg);
+    double guidance_scale, bool cfg, const float* device_coeffs);
 #endif
 
 }  // namespace diffkernels

@@ -81,7 +81,8 @@ def diffusion_step(model_output: Tensor, sample: Tensor, noise: Optional[Tensor]
     eps = k2*x + k3*m + k4*x0
     std = k8 (scalar) | sqrt(v) (learned) | exp(k9 + k10*v) (learned_range)
     prev = k5*x0 + k6*x + k7*eps + std*noise (no noise term when noise is None)
-    Returns (prev_sample, pred_original_sample) in sample's dtype.
+    Returns (prev_sample, pred_original_sample) in sample's dtype. coeffs: 11 floats, or 11 fp32
+    0-d tensors on sample's device.
     """
     k = list(coeffs) + [0.0] * (11 - len(coeffs))
     x = sample.float()

@@ -51,6 +51,14 @@ def check(backend, mo, x, n, th, coeffs, mode=VARIANCE_SCALAR, clip=0.0, g=1.0, 
     for out, ref in ((prev, ref_prev), (x0, ref_x0)):
         assert out.is_contiguous()
         assert_close(out, ref, x.dtype, scale=max(1.0, ref.abs().max().item()))
+    # The same step with the coefficients in device memory (what a CUDA-graph replay runs):
+    # the kernels read the same fp32 values, so the same bits.
+    device_coeffs = torch.tensor(coeffs, dtype=torch.float64).float().to(x.device)
+    with dk.backend(backend):
+        got = dk.diffusion_step(mo, x, device_coeffs, noise=n, threshold=th, variance_mode=mode,
+                                clip_range=clip, guidance_scale=g, cfg=cfg)
+    for out, want in zip(got, (prev, x0)):
+        torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
     return prev, x0
 
 
@@ -169,6 +177,9 @@ def _samples(device):
                                   threshold=th, seed=i)
         out.append((mo, x, n, t, COEFFS["ddpm"], MODES[mode], 1.0 if i % 2 else 0.0,
                     7.5 if cfg else 1.0, cfg))
+    mo, x, n, t = make_inputs((2, 4, 3, 5), torch.float16, device, cfg=True, seed=9)
+    out.append((mo, x, n, None, [], 0, 0.0, 7.5, True,  # coefficients in device memory
+                torch.tensor(COEFFS["generic"], device=device)))
     return out
 
 
@@ -231,7 +242,8 @@ def _call(mo=None, x=None, coeffs=None, **kw):
     (lambda: _call(x=torch.randn(2, 4, 8, 8).int(), mo=torch.randn(2, 4, 8, 8).int()), TypeError,
      "sample: expected dtype"),
     (lambda: _call(coeffs=[1.0] * 10), ValueError, "coeffs: expected 11 floats k0..k10, got 10"),
-    (lambda: _call(coeffs=torch.ones(11)), TypeError, "coeffs: expected a list of 11 Python floats"),
+    (lambda: _call(coeffs=torch.ones(11, dtype=torch.float64)), TypeError,
+     r"device_coeffs: expected dtype in \(float32\)"),
     (lambda: _call(variance_mode=3), ValueError, "variance_mode: expected one of"),
     (lambda: _call(clip_range=-1.0), ValueError, "clip_range: expected >= 0"),
     (lambda: dk.diffusion_step([1.0], torch.randn(2, 4), [0.0] * 11), TypeError,

@@ -156,8 +156,8 @@ def test_public_functions_keep_named_errors_for_non_tensors():
         dk.group_norm_silu(torch.randn(2, 8, 2, 2), 2.5)
     with pytest.raises(TypeError, match="k: expected a torch.Tensor"):
         dk.attention(torch.randn(1, 1, 2, 8), None, torch.randn(1, 1, 2, 8))
-    with pytest.raises(TypeError, match="coeffs: expected a list of 11 Python floats"):
-        dk.diffusion_step(torch.randn(2, 4), torch.randn(2, 4), torch.ones(11))
+    with pytest.raises(TypeError, match="model_output: expected a torch.Tensor"):
+        dk.diffusion_step(None, torch.randn(2, 4), torch.ones(11))  # device coefficients
 
 
 def test_dynamic_threshold_is_an_operator_without_host_reads():

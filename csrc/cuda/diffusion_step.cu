@@ -4,10 +4,11 @@
 // Grid: blockIdx.y walks the B sample rows, blockIdx.x / threads grid-stride over one row of
 // n = C*prod(S) elements, VEC elements per thread per step: 16-byte loads and stores (VEC = 8
 // for fp16/bf16, 4 for fp32) when n is a multiple of VEC and every pointer is 16-byte aligned,
-// one element otherwise. The 11 coefficients travel by value in the kernel's parameters: no
-// device buffer, no host<->device copy, no sync. cfg and the noise/variance mode are template
-// parameters (loads that do not happen are not compiled); clip and threshold fold into one
-// clamp bound per sample, so the loop body has no branches.
+// one element otherwise. The 11 coefficients travel by value in the kernel's parameters (no
+// device buffer, no host<->device copy, no sync), or are read from device memory (kdev) when
+// the step is captured in a CUDA graph that is replayed for every step. cfg and the
+// noise/variance mode are template parameters (loads that do not happen are not compiled);
+// clip and threshold fold into one clamp bound per sample, so the loop body has no branches.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty_like.h>
@@ -100,7 +101,11 @@ template <typename T, int VEC, bool CFG, int NOISE>
 __global__ void __launch_bounds__(kThreads)
 diffusion_step_kernel(const T* __restrict__ mo, const T* __restrict__ x,
                       const T* __restrict__ noise, const float* __restrict__ thr,
-                      T* __restrict__ prev, T* __restrict__ x0_out, const StepParams p) {
+                      const float* __restrict__ kdev, T* __restrict__ prev,
+                      T* __restrict__ x0_out, const StepParams p) {
+  float k[11];
+#pragma unroll
+  for (int i = 0; i < 11; ++i) k[i] = kdev != nullptr ? __ldg(kdev + i) : p.k[i];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * VEC;
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     const T* u_row = mo + b * p.mo_row;
@@ -123,14 +128,14 @@ diffusion_step_kernel(const T* __restrict__ mo, const T* __restrict__ x,
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         if constexpr (CFG) m[e] = fmaf(p.guidance, cv[e] - m[e], m[e]);  // u + g * (c - u)
-        float x0 = fmaf(p.k[1], m[e], p.k[0] * xv[e]);
+        float x0 = fmaf(k[1], m[e], k[0] * xv[e]);
         x0 = clamp_nan(x0, -h, h) / s;
-        const float eps = fmaf(p.k[4], x0, fmaf(p.k[3], m[e], p.k[2] * xv[e]));
-        float pr = fmaf(p.k[7], eps, fmaf(p.k[6], xv[e], p.k[5] * x0));
+        const float eps = fmaf(k[4], x0, fmaf(k[3], m[e], k[2] * xv[e]));
+        float pr = fmaf(k[7], eps, fmaf(k[6], xv[e], k[5] * x0));
         if constexpr (NOISE != kNoNoise) {
-          float std_dev = p.k[8];
+          float std_dev = k[8];
           if constexpr (NOISE == kLearned) std_dev = sqrt_approx(vv[e]);
-          if constexpr (NOISE == kLearnedRange) std_dev = expf(fmaf(p.k[10], vv[e], p.k[9]));
+          if constexpr (NOISE == kLearnedRange) std_dev = expf(fmaf(k[10], vv[e], k[9]));
           pr = fmaf(std_dev, nv[e], pr);
         }
         pv[e] = pr;
@@ -144,7 +149,8 @@ diffusion_step_kernel(const T* __restrict__ mo, const T* __restrict__ x,
 
 template <typename T, int VEC>
 void launch(const StepParams& p, bool cfg, int noise_mode, const T* mo, const T* x,
-            const T* noise, const float* thr, T* prev, T* x0, cudaStream_t stream) {
+            const T* noise, const float* thr, const float* kdev, T* prev, T* x0,
+            cudaStream_t stream) {
   const int64_t vecs = p.n / VEC;
   const int grid_y = static_cast<int>(std::min<int64_t>(p.batch, 65535));
   // Enough blocks to fill the GPU (8 resident blocks of 256 threads per SM), no more.
@@ -155,7 +161,7 @@ void launch(const StepParams& p, bool cfg, int noise_mode, const T* mo, const T*
                   grid_y);
   auto go = [&](auto cfg_c, auto noise_c) {
     diffusion_step_kernel<T, VEC, decltype(cfg_c)::value, decltype(noise_c)::value>
-        <<<grid, kThreads, 0, stream>>>(mo, x, noise, thr, prev, x0, p);
+        <<<grid, kThreads, 0, stream>>>(mo, x, noise, thr, kdev, prev, x0, p);
   };
   auto with_noise = [&](auto cfg_c) {
     switch (noise_mode) {
@@ -178,7 +184,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename T>
 void launch_typed(const StepParams& p, bool cfg, int noise_mode, const at::Tensor& model_output,
                   const at::Tensor& sample, const at::Tensor& noise, const float* thr,
-                  at::Tensor& prev, at::Tensor& x0) {
+                  const float* kdev, at::Tensor& prev, at::Tensor& x0) {
   constexpr int kVec = 16 / sizeof(T);
   const T* mo = model_output.const_data_ptr<T>();
   const T* x = sample.const_data_ptr<T>();
@@ -190,9 +196,9 @@ void launch_typed(const StepParams& p, bool cfg, int noise_mode, const at::Tenso
                    aligned16(xo) && (nz == nullptr || aligned16(nz));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (vec) {
-    launch<T, kVec>(p, cfg, noise_mode, mo, x, nz, thr, po, xo, stream);
+    launch<T, kVec>(p, cfg, noise_mode, mo, x, nz, thr, kdev, po, xo, stream);
   } else {
-    launch<T, 1>(p, cfg, noise_mode, mo, x, nz, thr, po, xo, stream);
+    launch<T, 1>(p, cfg, noise_mode, mo, x, nz, thr, kdev, po, xo, stream);
   }
 }
 
@@ -202,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
     const at::Tensor& model_output_, const at::Tensor& sample_,
     const std::optional<at::Tensor>& noise_, const std::optional<at::Tensor>& threshold_,
     c10::ArrayRef<double> coeffs, int64_t variance_mode, double clip_range,
-    double guidance_scale, bool cfg) {
+    double guidance_scale, bool cfg, const float* kdev) {
   const c10::cuda::CUDAGuard guard(sample_.device());
   // csrc/diffusion_step.cpp checked the arguments and made them contiguous.
   const at::Tensor sample = sample_.contiguous(), model_output = model_output_.contiguous();
@@ -213,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
 
   const int64_t B = sample.size(0);
   StepParams p;
-  for (int i = 0; i < 11; ++i) p.k[i] = static_cast<float>(coeffs[i]);
+  for (int i = 0; i < 11; ++i) p.k[i] = kdev != nullptr ? 0.f : static_cast<float>(coeffs[i]);
   p.guidance = static_cast<float>(guidance_scale);
   p.clip_range = clip_range > 0 ? static_cast<float>(clip_range) : INFINITY;
   p.batch = B;
@@ -225,13 +231,16 @@ std::tuple<at::Tensor, at::Tensor> diffusion_step_cuda(
   const float* thr = threshold.defined() ? threshold.const_data_ptr<float>() : nullptr;
   switch (sample.scalar_type()) {
     case at::kFloat:
-      launch_typed<float>(p, cfg, noise_mode, model_output, sample, noise, thr, prev, x0);
+      launch_typed<float>(p, cfg, noise_mode, model_output, sample, noise, thr, kdev, prev,
+                         x0);
       break;
     case at::kHalf:
-      launch_typed<at::Half>(p, cfg, noise_mode, model_output, sample, noise, thr, prev, x0);
+      launch_typed<at::Half>(p, cfg, noise_mode, model_output, sample, noise, thr, kdev, prev,
+                            x0);
       break;
     default:  // bfloat16, the only dtype left after the checks
-      launch_typed<at::BFloat16>(p, cfg, noise_mode, model_output, sample, noise, thr, prev, x0);
+      launch_typed<at::BFloat16>(p, cfg, noise_mode, model_output, sample, noise, thr, kdev, prev,
+                                x0);
       break;
   }
   return {prev, x0};

@@ -36,14 +36,19 @@ def diffusion_step(model_output: Tensor, sample: Tensor, coeffs, *, noise: Optio
     (the second C channels hold the variance, the cond half's with cfg). noise: like sample, or
     None for no noise term. threshold: fp32 [B] dynamic-thresholding scale s (see
     `dynamic_threshold`) or None. clip_range > 0 clamps x0 to +-clip_range. coeffs: 11 Python
-    floats k0..k10 (reference.diffusion_step documents what each multiplies).
+    floats k0..k10 (reference.diffusion_step documents what each multiplies), or a float32 [11]
+    tensor on sample's device that the kernel reads (nothing is read on the host: a CUDA graph
+    captured once replays every step with new coefficients in that buffer).
     """
+    device_coeffs = None
+    if isinstance(coeffs, Tensor):
+        coeffs, device_coeffs = [], coeffs
     try:
         return _op(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
-                   guidance_scale, cfg)
+                   guidance_scale, cfg, device_coeffs)
     except (TypeError, RuntimeError) as e:
         clearer_error(e, _check_call, model_output, sample, noise, threshold, coeffs,
-                      variance_mode, clip_range, cfg)
+                      variance_mode, clip_range, cfg, device_coeffs)
 
 
 def _coeff_list(coeffs):
@@ -56,14 +61,18 @@ def _coeff_list(coeffs):
     return coeffs
 
 
-def _check_call(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg):
+def _check_call(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg,
+                device_coeffs):
     check_tensor("model_output", model_output)
     check_tensor("sample", sample)
-    check_args(model_output, sample, noise, threshold, _coeff_list(coeffs), variance_mode,
-               clip_range, cfg)
+    if device_coeffs is None:
+        coeffs = _coeff_list(coeffs)
+    check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg,
+               device_coeffs)
 
 
-def check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg):
+def check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg,
+               device_coeffs=None):
     """The checks of csrc/diffusion_step.cpp, with the same messages (for the fake kernel and
     for arguments the dispatcher rejects before the C++ checks run)."""
     check_tensor("sample", sample)
@@ -112,7 +121,17 @@ def check_args(model_output, sample, noise, threshold, coeffs, variance_mode, cl
                              f"{list(threshold.shape)}")
         check_dtype("threshold", threshold, (torch.float32,))
         check_device("threshold", threshold, sample, "sample")
-    if len(coeffs) != NUM_COEFFS:
+    if device_coeffs is not None:
+        if len(coeffs):
+            raise ValueError(f"coeffs: expected [] with device_coeffs (the kernel reads k0..k10 "
+                             f"from device_coeffs), got {len(coeffs)} floats")
+        check_tensor("device_coeffs", device_coeffs)
+        if tuple(device_coeffs.shape) != (NUM_COEFFS,):
+            raise ValueError(f"device_coeffs: expected shape [{NUM_COEFFS}] (k0..k10), got "
+                             f"{list(device_coeffs.shape)}")
+        check_dtype("device_coeffs", device_coeffs, (torch.float32,))
+        check_device("device_coeffs", device_coeffs, sample, "sample")
+    elif len(coeffs) != NUM_COEFFS:
         raise ValueError(f"coeffs: expected {NUM_COEFFS} floats k0..k10, got {len(coeffs)}")
     if not clip_range >= 0:
         raise ValueError(f"clip_range: expected >= 0 (0 = no clipping), got {clip_range}")
@@ -120,28 +139,35 @@ def check_args(model_output, sample, noise, threshold, coeffs, variance_mode, cl
 
 @torch.library.register_fake("diffkernels::diffusion_step")
 def _(model_output, sample, noise, threshold, coeffs, variance_mode=VARIANCE_SCALAR,
-      clip_range=0.0, guidance_scale=1.0, cfg=False):
-    check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg)
+      clip_range=0.0, guidance_scale=1.0, cfg=False, device_coeffs=None):
+    check_args(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range, cfg,
+               device_coeffs)
     return (torch.empty_like(sample, memory_format=torch.contiguous_format),
             torch.empty_like(sample, memory_format=torch.contiguous_format))
 
 
-def _reference(*args):
-    prev, x0 = reference.diffusion_step(*args)
+def _reference(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
+               guidance_scale, cfg, device_coeffs):
+    if device_coeffs is not None:
+        coeffs = device_coeffs.unbind()  # 0-d tensors: the math reads nothing on the host
+    prev, x0 = reference.diffusion_step(model_output, sample, noise, threshold, coeffs,
+                                        variance_mode, clip_range, guidance_scale, cfg)
     return prev.contiguous(), x0.contiguous()
 
 
 def _triton(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
-            guidance_scale, cfg):
+            guidance_scale, cfg, device_coeffs):
     from ..triton.diffusion_step import diffusion_step as kernel
-    return kernel(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
+    return kernel(model_output, sample, noise, threshold,
+                  coeffs if device_coeffs is None else device_coeffs, variance_mode, clip_range,
                   guidance_scale, cfg)
 
 
 define_python_backends(
     "diffusion_step",
     "Tensor model_output, Tensor sample, Tensor? noise, Tensor? threshold, float[] coeffs, "
-    "int variance_mode, float clip_range, float guidance_scale, bool cfg) -> (Tensor, Tensor)",
+    "int variance_mode, float clip_range, float guidance_scale, bool cfg, Tensor? device_coeffs"
+    ") -> (Tensor, Tensor)",
     {"reference": _reference, "triton": _triton})
 
 

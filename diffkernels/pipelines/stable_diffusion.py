@@ -4,7 +4,8 @@ Same arguments and, for the same components, seed and settings, the same images 
 StableDiffusionPipeline (DDIM / DDPM). Differences by design: classifier-free guidance runs as
 one UNet batch of 2B whose two halves go straight into the scheduler's fused step (the combine
 `uncond + g * (cond - uncond)` happens inside its kernel); no safety checker; nothing in the
-sampling loop reads the device (no host sync); weights come from local files only.
+sampling loop reads the device (no host sync); weights come from local files only;
+cuda_graph=True captures the whole denoising step (UNet + fused step) once and replays it.
 """
 import inspect
 import time
@@ -17,6 +18,7 @@ import torch
 
 from .. import loading
 from ..models.vae import randn_tensor
+from ._graph import GraphedDenoiser
 
 
 @dataclass
@@ -43,6 +45,7 @@ class StableDiffusionPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
         self.timings = {}  # of the last call: text_encode_s, step_s (list), decode_s, total_s
+        self._graphed = None  # the last cuda_graph=True denoiser (static buffers + graphs)
 
     # ------------------------------------------------------------ construction
 
@@ -229,6 +232,36 @@ class StableDiffusionPipeline:
             return step(noise_pred, t, latents, return_dict=False, **extra)[0]
         return run
 
+    def _denoise_graphed(self, latents, prompt_embeds, guidance_scale, do_cfg, eta, generator,
+                         marks):
+        plan_of = getattr(self.scheduler, "sampling_plan", None)
+        if plan_of is None:
+            raise ValueError(f"cuda_graph: needs diffkernels' DDIMScheduler or DDPMScheduler "
+                             f"(their steps read coefficients from device memory), got "
+                             f"{type(self.scheduler).__name__}")
+        # eta as the plain loop passes it: to a scheduler whose step takes it.
+        takes_eta = "eta" in inspect.signature(self.scheduler.step).parameters
+        plan = plan_of(**({"eta": eta} if takes_eta else {}))
+        graphed = self._graphed
+        if graphed is None or graphed.unet is not self.unet or not graphed.key_matches(
+                latents, prompt_embeds, plan, guidance_scale, do_cfg):
+            graphed = self._graphed = None  # frees the old graphs' memory first
+            graphed = self._graphed = GraphedDenoiser(
+                self.unet, latents, prompt_embeds, plan, guidance_scale, do_cfg,
+                capture=latents.device.type == "cuda")
+        graphed.load(latents, prompt_embeds, plan, generator)
+        marks.restart()
+        with self.progress_bar(total=len(plan.timesteps)) as bar:
+            latents = graphed.run().clone()
+            marks.mark_even(len(plan.timesteps))
+            bar.update(len(plan.timesteps))  # once: the loop does nothing but replay
+        return latents
+
+    def reset_cuda_graph(self):
+        """Drops the captured graphs and their buffers (the next cuda_graph=True call
+        captures again): after replacing parameter tensors, or to free their memory."""
+        self._graphed = None
+
     def decode_latents(self, latents):
         return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
 
@@ -255,9 +288,16 @@ class StableDiffusionPipeline:
                  latents: Optional[torch.Tensor] = None,
                  prompt_embeds: Optional[torch.Tensor] = None,
                  negative_prompt_embeds: Optional[torch.Tensor] = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, cuda_graph: bool = False):
         """Text (or prompt embeddings) -> images, diffusers' argument names and defaults.
-        guidance_scale > 1 enables classifier-free guidance."""
+        guidance_scale > 1 enables classifier-free guidance.
+
+        cuda_graph=True: the denoising step (UNet on the CFG batch + the fused CFG/scheduler
+        step) is captured once per (resolution, batch, dtype, steps, guidance) and replayed
+        for every step, the same result as the plain loop (pipelines/_graph.py). Needs
+        diffkernels' DDIM/DDPM scheduler; changes of the weights in place are seen by the
+        replay, new parameter tensors need reset_cuda_graph(). On a CPU the same static-buffer
+        loop runs uncaptured."""
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type: expected 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -289,16 +329,20 @@ class StableDiffusionPipeline:
         # (a dict lookup) and the UNet (a fill on the device), so the loop never syncs.
         host_timesteps = timesteps.tolist()
         marks = _StepClock(device)
-        with self.progress_bar(total=len(host_timesteps)) as bar:
-            for t in host_timesteps:
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
-                if scale_input is not None:
-                    model_input = scale_input(model_input, t)
-                noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
-                                       return_dict=False)[0]
-                latents = step(noise_pred, t, latents)
-                marks.mark()
-                bar.update()
+        if cuda_graph:
+            latents = self._denoise_graphed(latents, prompt_embeds, guidance_scale, do_cfg, eta,
+                                            generator, marks)
+        else:
+            with self.progress_bar(total=len(host_timesteps)) as bar:
+                for t in host_timesteps:
+                    model_input = torch.cat([latents] * 2) if do_cfg else latents
+                    if scale_input is not None:
+                        model_input = scale_input(model_input, t)
+                    noise_pred = self.unet(model_input, t, encoder_hidden_states=prompt_embeds,
+                                           return_dict=False)[0]
+                    latents = step(noise_pred, t, latents)
+                    marks.mark()
+                    bar.update()
 
         if output_type == "latent":
             image = latents
@@ -321,12 +365,21 @@ class _StepClock:
     step and read once at the end; perf_counter on the CPU."""
 
     def __init__(self, device):
+        self.device, self._even = device, None
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.events = [torch.cuda.Event(enable_timing=True)]
             self.events[0].record()
         else:
             self.times = [time.perf_counter()]
+
+    def restart(self):
+        self.__init__(self.device)
+
+    def mark_even(self, n):
+        """One mark for n steps run without the host (a graph replay): each gets 1/n."""
+        self.mark()
+        self._even = n
 
     def mark(self):
         if self.cuda:
@@ -339,5 +392,8 @@ class _StepClock:
     def seconds(self):
         if self.cuda:
             self.events[-1].synchronize()
-            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.events, self.events[1:])]
-        return [float(d) for d in np.diff(self.times)]
+            out = [a.elapsed_time(b) / 1e3 for a, b in zip(self.events, self.events[1:])]
+        else:
+            out = [float(d) for d in np.diff(self.times)]
+        n = self._even
+        return [out[0] / n] * n if n else out

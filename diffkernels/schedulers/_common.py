@@ -8,6 +8,8 @@ randn_tensor draws it (CPU generator: on the CPU, then an asynchronous copy)."""
 import json
 import math
 
+from typing import List, NamedTuple
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -324,6 +326,22 @@ class SchedulerBase(ConfigMixin):
             return a ** 0.5, -(b ** 0.5)
         return torch.zeros_like(a), torch.ones_like(a)
 
+    def sampling_plan(self, **step_kwargs) -> "SamplingPlan":
+        """Every step of the current schedule at once, for a sampling loop captured in a CUDA
+        graph: the fused step's coefficient rows, variance mode and clip range, and which
+        steps add noise. step_kwargs: the step arguments that change the coefficients (DDIM:
+        eta). Dynamic thresholding needs the sample's quantile on the host side of the math:
+        it raises here."""
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}.sampling_plan: call set_timesteps first")
+        thresholding, _, _, clip_range = self._x0_limits
+        if thresholding:
+            raise ValueError("thresholding: dynamic thresholding is not supported in a captured "
+                             "sampling loop (cuda_graph=True); turn it off or sample without "
+                             "the graph")
+        rows, variance_mode, noisy = self._plan_rows(**step_kwargs)
+        return SamplingPlan(list(self._schedule), rows, variance_mode, clip_range, noisy)
+
     # -------------------------------------------------------------- forward process
 
     def _acp(self, device, dtype):
@@ -418,6 +436,16 @@ class SchedulerBase(ConfigMixin):
         if not return_dict:
             return prev, x0
         return self._output(prev, x0)
+
+
+class SamplingPlan(NamedTuple):
+    """SchedulerBase.sampling_plan: per step i, timesteps[i], coeffs[i] (11 floats) and
+    noise_steps[i] (whether step i adds variance_mode noise)."""
+    timesteps: List[int]
+    coeffs: List[List[float]]
+    variance_mode: int
+    clip_range: float
+    noise_steps: List[bool]
 
 
 def resolve_noise_alias(variance_noise, noise):

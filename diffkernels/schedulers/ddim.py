@@ -101,6 +101,11 @@ class DDIMScheduler(SchedulerBase):
         t, _ = self._resolve(t)
         return self._coeffs(t, float(eta), bool(use_clipped_model_output)), VARIANCE_SCALAR
 
+    def _plan_rows(self, eta: float = 0.0, use_clipped_model_output: bool = False):
+        eta = float(eta)
+        rows = [self._coeffs(t, eta, bool(use_clipped_model_output)) for t in self._schedule]
+        return rows, VARIANCE_SCALAR, [eta > 0] * len(rows)
+
     def _get_variance(self, timestep, prev_timestep):
         """diffusers' DDIMScheduler._get_variance (fp32 tensors), for code that calls it."""
         alpha_prod_t = self.alphas_cumprod[timestep]

@@ -144,6 +144,10 @@ class DDPMScheduler(SchedulerBase):
                              f"this schedule, got {prev_t}")
         return self._rows()[index], _MODES.get(self.variance_type, VARIANCE_SCALAR)
 
+    def _plan_rows(self):
+        return (self._rows(), _MODES.get(self.variance_type, VARIANCE_SCALAR),
+                [t > 0 for t in self._schedule])  # diffusers adds no noise at t == 0
+
     def _get_variance(self, t, predicted_variance=None, variance_type=None):
         """diffusers' DDPMScheduler._get_variance (fp32 tensors), for code that calls it."""
         prev_t = self.previous_timestep(t)

@@ -2,7 +2,8 @@
 
 The math is the generic affine step of diffkernels.reference.diffusion_step (its docstring is
 the spec); the scheduler computes the 11 coefficients on the host and they travel as kernel
-arguments (no device buffer, no sync).
+arguments (no device buffer, no sync), or, for a step captured once in a CUDA graph and replayed
+for every step, the kernel reads them from an fp32 [11] device tensor (K_PTR).
 
 Layout (contiguous): sample [B, C, *S] is B rows of n = C * prod(S) elements; model_output
 [B or 2B (cfg: uncond half first), C or 2C, *S] is rows of mo_row = n or 2n elements. For the
@@ -33,11 +34,18 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _diffusion_step_kernel(mo_ptr, x_ptr, noise_ptr, thr_ptr, prev_ptr, x0_ptr,
+def _diffusion_step_kernel(mo_ptr, x_ptr, noise_ptr, thr_ptr, prev_ptr, x0_ptr, k_ptr,
                            n, mo_row, cond_off, var_off,
                            k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, clip_range, guidance,
                            CFG: tl.constexpr, NOISE: tl.constexpr, VARIANCE_MODE: tl.constexpr,
-                           CLIP: tl.constexpr, THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):
+                           CLIP: tl.constexpr, THRESHOLD: tl.constexpr, K_PTR: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    if K_PTR:  # coefficients in device memory (CUDA-graph replay), else by value
+        k0, k1, k2, k3 = tl.load(k_ptr), tl.load(k_ptr + 1), tl.load(k_ptr + 2), \
+            tl.load(k_ptr + 3)
+        k4, k5, k6, k7 = tl.load(k_ptr + 4), tl.load(k_ptr + 5), tl.load(k_ptr + 6), \
+            tl.load(k_ptr + 7)
+        k8, k9, k10 = tl.load(k_ptr + 8), tl.load(k_ptr + 9), tl.load(k_ptr + 10)
     b = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -74,9 +82,11 @@ def _diffusion_step_kernel(mo_ptr, x_ptr, noise_ptr, thr_ptr, prev_ptr, x0_ptr,
 
 def _launch(model_output, sample, noise, threshold, coeffs, variance_mode, clip_range,
             guidance_scale, cfg, prev, x0):
-    """(grid, args, constexprs) of the one launch for these arguments."""
+    """(grid, args, constexprs) of the one launch for these arguments. coeffs: 11 floats or an
+    fp32 [11] tensor on the sample's device."""
     if len(coeffs) != 11:
         raise ValueError(f"coeffs: expected 11 floats, got {len(coeffs)}")
+    k_tensor = isinstance(coeffs, torch.Tensor)
     b = sample.shape[0]
     n = sample.numel() // b
     mo_row = model_output.numel() // model_output.shape[0]
@@ -87,14 +97,15 @@ def _launch(model_output, sample, noise, threshold, coeffs, variance_mode, clip_
                 # absent tensors: a pointer of the sample is passed and never read
                 noise_ptr=sample if noise is None else noise,
                 thr_ptr=sample if threshold is None else threshold,
-                prev_ptr=prev, x0_ptr=x0, n=n, mo_row=mo_row, cond_off=cond_off,
-                var_off=cond_off + n,
-                **{f"k{i}": float(c) for i, c in enumerate(coeffs)},
+                prev_ptr=prev, x0_ptr=x0, k_ptr=coeffs.contiguous() if k_tensor else sample,
+                n=n, mo_row=mo_row, cond_off=cond_off, var_off=cond_off + n,
+                **{f"k{i}": 0.0 if k_tensor else float(c) for i, c in enumerate(coeffs)},
                 clip_range=float(clip_range) if clip_on else math.inf,
                 guidance=float(guidance_scale))
     meta = dict(CFG=bool(cfg), NOISE=noise is not None,
                 VARIANCE_MODE=int(variance_mode) if noise is not None else 0,
-                CLIP=clip_on and not threshold_on, THRESHOLD=threshold_on, BLOCK=BLOCK)
+                CLIP=clip_on and not threshold_on, THRESHOLD=threshold_on, K_PTR=k_tensor,
+                BLOCK=BLOCK)
     return (triton.cdiv(n, BLOCK), b), args, meta
 
 
@@ -144,7 +155,8 @@ def _specialize(value):
 
 def compile_specs():
     """Every constexpr variant the launcher can pick, for fp16/bf16/fp32 (3 x cfg 2 x
-    noise/variance 4 x clip/threshold 3 = 72), as dicts {name, fn, signature, constexprs, attrs,
+    noise/variance 4 x clip/threshold 3 = 72, plus the device-coefficient variants of the
+    unclipped steps a CUDA-graph sampling loop runs, 3 x 2 x 4 = 24), as dicts {name, fn, signature, constexprs, attrs,
     num_warps, num_stages} for diffkernels.triton._compile.compile_spec. Arguments are
     specialised as a launch on an SD latent ([2, 4, 64, 64]) would be."""
     specs = []
@@ -152,15 +164,17 @@ def compile_specs():
     for dtype, tname in _TRITON_TYPES.items():
         for cfg in (False, True):
             for noise_mode in (None, 0, 1, 2):  # None: no noise, else the variance mode
-                for x0_mode in ("none", "clip", "threshold"):
+                for x0_mode in ("none", "clip", "threshold", "none-kptr"):
                     b, c = 2, 4
                     x = torch.empty((b, c, 64, 64), dtype=dtype, device="meta")
                     mo = torch.empty((2 * b if cfg else b, 2 * c, 64, 64), dtype=dtype,
                                      device="meta")
                     thr = (torch.empty((b,), dtype=torch.float32, device="meta")
                            if x0_mode == "threshold" else None)
+                    k = (torch.empty(11, dtype=torch.float32, device="meta")
+                         if x0_mode == "none-kptr" else [0.5] * 11)
                     _, args, meta = _launch(
-                        mo, x, None if noise_mode is None else x, thr, [0.5] * 11,
+                        mo, x, None if noise_mode is None else x, thr, k,
                         noise_mode or 0, 1.0 if x0_mode == "clip" else 0.0, 7.5, cfg, x, x)
                     signature, constexprs, attrs = {}, dict(meta), {}
                     for i, arg in enumerate(kernel.arg_names):
