@@ -100,7 +100,8 @@ def sample(args):
     result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, num_images_per_prompt=args.batch,
-                  generator=generator, eta=args.eta, output_type="pil")
+                  generator=generator, eta=args.eta, output_type="pil",
+                  cuda_graph=args.cuda_graph)
 
     from PIL.PngImagePlugin import PngInfo
     settings = dict(prompt=args.prompt, negative_prompt=args.negative_prompt or "",
@@ -108,6 +109,7 @@ def sample(args):
                     scheduler=type(pipe.scheduler).__name__, eta=args.eta,
                     size=f"{result.images[0].width}x{result.images[0].height}",
                     dtype=args.dtype, device=str(device), backend=args.backend,
+                    cuda_graph=args.cuda_graph,
                     model=os.path.abspath(path))
     paths = _out_paths(args.out, len(result.images))
     for i, (image, file) in enumerate(zip(result.images, paths)):
@@ -165,6 +167,9 @@ def _sample_parser(sub):
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     s.add_argument("--backend", default="auto", help="kernel backend (default auto): "
                    "auto, reference, cpu, triton, cuda")
+    s.add_argument("--cuda-graph", action="store_true",
+                   help="capture the denoising step (UNet + fused scheduler step) once as a CUDA "
+                        "graph and replay it for every step (DDIM/DDPM)")
     s.add_argument("--variant", default=None, help="weights variant of a folder, e.g. fp16")
     s.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer folder (single files hold none)")

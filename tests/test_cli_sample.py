@@ -45,6 +45,18 @@ def test_sample_single_file_batch(tiny, tmp_path, capsys):
     assert list(images[0].getdata()) != list(images[1].getdata())  # two different samples
 
 
+def test_sample_cuda_graph_gives_the_same_image(tiny, tmp_path, capsys):
+    """--cuda-graph: the static-buffer loop (captured on a GPU, uncaptured here) makes the
+    same PNG pixels as the plain loop."""
+    plain, graphed = str(tmp_path / "plain.png"), str(tmp_path / "graph.png")
+    for out, extra in ((plain, []), (graphed, ["--cuda-graph"])):
+        assert cli.main(BASE + ["--model", tiny["folder"], "--out", out] + extra) == 0
+    capsys.readouterr()
+    a, b = PIL.open(plain), PIL.open(graphed)
+    assert list(a.getdata()) == list(b.getdata())
+    assert a.text["cuda_graph"] == "False" and b.text["cuda_graph"] == "True"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/sd15", "--out", "x.png"], "does not exist"),
     (["--model", "runwayml/stable-diffusion-v1-5", "--out", "x.png"], "Hub id"),
