@@ -15,13 +15,14 @@ testable here (no host reads, the same buffers every step, the plain loop's resu
 """
 import torch
 
+from .._backend import get_backend
 from ..models.vae import randn_tensor
 from ..ops.diffusion_step import diffusion_step
 
 
 class GraphedDenoiser:
     """Static buffers and captured graphs for one (latent shape, embeddings shape, dtype, CFG,
-    guidance, number of steps, noise pattern, variance mode, clip range)."""
+    guidance, number of steps, noise pattern, variance mode, clip range, dk backend)."""
 
     def __init__(self, unet, latents, prompt_embeds, plan, guidance_scale, do_cfg, capture):
         device = latents.device
@@ -40,9 +41,10 @@ class GraphedDenoiser:
         self.graphs = {}  # with_noise -> torch.cuda.CUDAGraph
         self.capture = capture
         self.captures = 0
+        self.backend = get_backend()  # the kernels a capture holds
 
     def key_matches(self, latents, prompt_embeds, plan, guidance_scale, do_cfg):
-        return (tuple(latents.shape) == tuple(self.latents.shape)
+        return (get_backend() == self.backend and tuple(latents.shape) == tuple(self.latents.shape)
                 and latents.dtype == self.latents.dtype and latents.device == self.latents.device
                 and tuple(prompt_embeds.shape) == tuple(self.prompt_embeds.shape)
                 and prompt_embeds.dtype == self.prompt_embeds.dtype
