@@ -1,7 +1,7 @@
 """Run a diffusers pipeline or model you already have on diffkernels' ops, and undo it.
 
     from diffkernels.integrations.diffusers import accelerate, restore
-    report = accelerate(pipe)      # StableDiffusion(XL)Pipeline, UNet2DConditionModel, AutoencoderKL
+    report = accelerate(pipe)  # StableDiffusion(XL)Pipeline, UNet2DConditionModel, AutoencoderKL
     print(report)                  # what was replaced and what was left as it is
     restore(pipe)                  # exactly the objects and forwards it had before
 
@@ -48,7 +48,7 @@ _SCHEDULER_ATTR = "_diffkernels_original_scheduler"
 
 @dataclasses.dataclass
 class Report:
-    """What accelerate() replaced ({kind: [module names]}) and left alone ({kind: ["name: why"]})."""
+    """What accelerate() replaced ({kind: [module names]}) and left ({kind: ["name: why"]})."""
     replaced: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     left: Dict[str, List[str]] = dataclasses.field(default_factory=dict)
     backend: str = "auto"
@@ -146,11 +146,17 @@ def _key_padding_mask(attention_mask, batch, lk):
     if m.dim() != 2 or tuple(m.shape) != (batch, lk):
         return None
     if m.dtype == torch.bool:
+        # SDPA gives NaN where a row attends to no key, dk.attention zeros (DESIGN.md 3): run
+        # the original then. Inside a compiled graph the host read is not possible: zeros.
+        if not torch.compiler.is_compiling() and not bool(m.any(-1).all()):
+            return None
         return m
     if not m.is_floating_point() or torch.compiler.is_compiling():
         return None  # checking the values needs a host read: not inside a compiled graph
     keep = m == 0
-    if not bool((keep | (m <= -1e4)).all()):
+    # every bias 0 or <= -1e4 (exp underflows to 0 in fp32), and every row keeps a key (with
+    # none, SDPA averages all keys or gives NaN)
+    if not bool(((keep | (m <= -1e4)).all(-1) & keep.any(-1)).all()):
         return None
     return keep
 
@@ -173,6 +179,16 @@ class AttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
+        kpm = None
+        if attention_mask is not None:
+            kv = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            lk = kv.shape[1] if kv.ndim == 3 else kv[0, 0].numel()  # 4-D: [B, C, H, W]
+            kpm = _key_padding_mask(attention_mask, kv.shape[0], lk)
+        if ((attention_mask is not None and kpm is None) or hidden_states.dtype not in _ATTN_DTYPES
+                or _needs_original(hidden_states, attn.to_q.weight)):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                 *args, **kwargs)
+
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -180,15 +196,8 @@ class AttnProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        kpm = None
-        if attention_mask is not None:
-            kpm = _key_padding_mask(attention_mask, batch_size, sequence_length)
-        if ((attention_mask is not None and kpm is None) or hidden_states.dtype not in _ATTN_DTYPES
-                or _needs_original(hidden_states, attn.to_q.weight)):
-            return self.original(attn, residual, encoder_hidden_states, attention_mask, temb,
-                                 *args, **kwargs)
+        batch_size = hidden_states.shape[0] if encoder_hidden_states is None else \
+            encoder_hidden_states.shape[0]
 
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -221,7 +230,8 @@ class AttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height,
+                                                                    width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
@@ -244,7 +254,7 @@ class AttnAddedKVProcessor:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  *args, **kwargs)
         residual = hidden_states
-        hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
+        hidden_states = hidden_states.flatten(2).transpose(1, 2)  # [B, C, *] -> [B, L, C]
         batch_size, sequence_length, _ = hidden_states.shape
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
@@ -256,8 +266,9 @@ class AttnAddedKVProcessor:
         key = attn.head_to_batch_dim(attn.add_k_proj(encoder_hidden_states), out_dim=4)
         value = attn.head_to_batch_dim(attn.add_v_proj(encoder_hidden_states), out_dim=4)
         if not attn.only_cross_attention:
-            key = torch.cat([key, attn.head_to_batch_dim(attn.to_k(hidden_states), out_dim=4)], dim=2)
-            value = torch.cat([value, attn.head_to_batch_dim(attn.to_v(hidden_states), out_dim=4)], dim=2)
+            own_k = attn.head_to_batch_dim(attn.to_k(hidden_states), out_dim=4)
+            own_v = attn.head_to_batch_dim(attn.to_v(hidden_states), out_dim=4)
+            key, value = torch.cat([key, own_k], dim=2), torch.cat([value, own_v], dim=2)
 
         hidden_states = self._run(query, key, value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, residual.shape[1])
@@ -298,7 +309,7 @@ def _norm_silu(x, norm, backend, channel_bias=None):
     eager semantics (autocast, autograd, dtype promotion) say otherwise."""
     fused = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
     if channel_bias is not None and (channel_bias.dtype != x.dtype
-                                     or tuple(channel_bias.shape) != (x.shape[0], x.shape[1], 1, 1)):
+                                     or tuple(channel_bias.shape) != (*x.shape[:2], 1, 1)):
         fused = False
     if not fused or _needs_original(x, norm.weight, channel_bias):
         if channel_bias is not None:
