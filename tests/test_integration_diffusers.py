@@ -6,6 +6,7 @@ test_oldest_diffusers_version_in_a_subprocess runs this whole file again with di
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -92,6 +93,26 @@ def test_unet_equals_unaccelerated_and_restore_gives_it_back():
     restore(unet)
     assert_restored(unet, snap)
     assert torch.equal(unet(*args).sample, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@torch.no_grad()
+def test_unet_low_precision_error_within_twice_eager(dtype, channels_last):
+    """DESIGN.md 6: against the fp32 UNet, the accelerated one in `dtype` errs at most 2x as much
+    as diffusers' eager one in `dtype` (plus a small floor)."""
+    unet = tiny_unet()
+    x, t, ehs = unet_inputs(unet)
+    ref = unet(x, t, ehs).sample
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet = unet.to(dtype=dtype, memory_format=fmt)
+    args = (x.to(dtype=dtype, memory_format=fmt), t, ehs.to(dtype))
+    eager = unet(*args).sample.float()
+    accelerate(unet)
+    got = unet(*args).sample
+    assert got.dtype == dtype
+    err, eager_err = (got.float() - ref).abs().max(), (eager - ref).abs().max()
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
 
 
 @torch.no_grad()
@@ -235,6 +256,10 @@ def test_accelerate_twice_and_bad_arguments():
     assert unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.processor.backend == \
         "reference"
     restore(unet)
+    assert_restored(unet, snap)
+    holder = types.SimpleNamespace(unet=torch.compile(unet))  # a pipeline with a compiled unet
+    assert len(accelerate(holder).replaced["attention"]) == len(unet.attn_processors)
+    restore(holder)
     assert_restored(unet, snap)
     with pytest.raises(ValueError, match="backend"):
         accelerate(unet, backend="nope")

@@ -107,7 +107,9 @@ def _models(obj, diffusers):
     if isinstance(obj, nn.Module):
         raise TypeError(f"pipe_or_model: expected a diffusers pipeline, UNet2DConditionModel or "
                         f"AutoencoderKL, got {type(obj).__name__}")
-    found = [(name + ".", getattr(obj, name, None)) for name in ("unet", "vae")]
+    # a torch.compile'd component: its module (accelerate before compiling, or compile again)
+    found = [(name + ".", getattr(getattr(obj, name, None), "_orig_mod", getattr(obj, name, None)))
+             for name in ("unet", "vae")]
     found = [(p, m) for p, m in found if isinstance(m, kinds)]
     if not found:
         raise TypeError(f"pipe_or_model: expected a diffusers pipeline (with a unet or vae), "
