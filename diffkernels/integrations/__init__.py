@@ -1,0 +1,1 @@
+"""Drop-ins for models and pipelines from other libraries (diffusers: `.diffusers`)."""
