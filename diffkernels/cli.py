@@ -33,19 +33,38 @@ def info(_args=None):
 
 
 def bench(args):
+    """Every benchmark (or --op one), a progress bar over them, a short summary on stdout; the
+    rows, plots and a summary report under benchmarks/results/<device>/."""
+    from tqdm.auto import tqdm
+
     from diffkernels import bench as bench_pkg
-    from diffkernels.bench import common
+    from diffkernels.bench import common, report
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ops = bench_pkg.OPS + bench_pkg.MODELS if args.op == "all" else [args.op]
     outdir = args.out or common.default_outdir(device)
-    for op in ops:
-        module = importlib.import_module(f"diffkernels.bench.{op}")
-        print(f"== {op} on {common.device_name(device)}", flush=True)
-        rows = module.run(device, quick=args.quick)
-        md = common.write_results(rows, outdir, op, f"{op} on {common.device_name(device)}",
-                                  device, module.NOTES)
-        print(md, flush=True)
-    print(f"results written to {outdir}")
+    results, t0 = {}, time.perf_counter()
+    print(f"diffkernels bench on {common.device_name(device)}{' (quick)' if args.quick else ''}"
+          f": {', '.join(ops)}", flush=True)
+    with tqdm(ops, unit="part", disable=args.verbose) as bar:
+        for op in bar:
+            bar.set_description(op)
+            module = importlib.import_module(f"diffkernels.bench.{op}")
+            start = time.perf_counter()
+            try:
+                rows = module.run(device, quick=args.quick)
+            except ImportError as err:  # e.g. diffusers absent: the model baselines need it
+                tqdm.write(f"{op}: skipped ({err})")
+                continue
+            md = common.write_results(rows, outdir, op, f"{op} on {common.device_name(device)}",
+                                      device, module.NOTES)
+            results[op] = dict(rows=rows, notes=list(module.NOTES),
+                               seconds=time.perf_counter() - start)
+            if args.verbose:
+                print(md, flush=True)
+    summary = report.write(results, outdir, device, quick=args.quick,
+                           seconds=time.perf_counter() - t0)
+    print(summary, flush=True)
+    print(f"results (JSON, markdown, PNG plots, summary.md) written to {outdir}")
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -190,8 +209,10 @@ def main(argv=None):
                                      "diffusers")
     b.add_argument("--op", default="all", choices=["all", *bench_pkg.OPS, *bench_pkg.MODELS])
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    b.add_argument("--quick", action="store_true", help="a few shapes only")
+    b.add_argument("--quick", action="store_true",
+                   help="a few shapes and steps only (under 3 minutes on a 2-core CPU)")
     b.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    b.add_argument("--verbose", action="store_true", help="print every row (not only the summary)")
     _sample_parser(sub)
     args = parser.parse_args(argv)
     if args.cmd == "info":

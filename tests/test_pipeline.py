@@ -201,22 +201,3 @@ def test_bad_arguments(pipes):
         ours(prompt="a", output_type="jpeg", **SIZE)
     with pytest.raises(ValueError, match="num_inference_steps"):
         ours(prompt="a", height=16, width=16, num_inference_steps=0)
-
-
-def test_pipeline_benchmark_rows(tmp_path):
-    """`python -m diffkernels bench --op pipeline` (quick): rows for ours and diffusers with a
-    latency, it/s and a ratio; results written like the other benchmarks."""
-    import json
-
-    from diffkernels.bench import common, pipeline
-    case = ("tiny", pipeline.TINY_UNET, pipeline.TINY_VAE, pipeline.TINY_TEXT, 16, (1, 2),
-            torch.float32)
-    rows = pipeline.run("cpu", cases=[case], reps=1)
-    assert {r.provider for r in rows} == {"diffkernels", "diffusers"}
-    for r in rows:
-        assert r.device and r.median_ms > 0 and r.ratio is not None and r.baseline == "diffusers"
-        assert r.extra["prompts"] == "text" and "it_s" in r.extra
-    common.write_results(rows, str(tmp_path), "pipeline", "pipeline", torch.device("cpu"),
-                         pipeline.NOTES)
-    assert len(json.load(open(tmp_path / "pipeline.json"))["rows"]) == 2
-    assert "it/s" in (tmp_path / "pipeline.md").read_text()

@@ -3,5 +3,6 @@ against diffusers (MODELS), shared timing and reporting in common.py. benchmarks
 are thin scripts over the same modules."""
 
 OPS = ("group_norm_silu", "attention", "diffusion_step", "overhead")
-MODELS = ("unet", "pipeline")  # rows carry times and ratios, not GB/s (tests/test_models_bench.py,
-#                                tests/test_pipeline.py)
+# The UNet / VAE forward and the whole text-to-image call (end to end) against diffusers: rows
+# carry times, it/s and ratios, not GB/s (tests/test_models_bench.py, tests/test_bench.py).
+MODELS = ("unet", "pipeline")

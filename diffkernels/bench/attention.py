@@ -87,11 +87,14 @@ def run(device, dtypes=None, quick=False, batches=(1, 2), compile_baseline=True)
                         print(f"  {name} {shape}: skipped ({type(e).__name__})")
                         continue
                     tflops = flops / (ms * 1e-3) / 1e12
-                    gbps = nbytes / (ms * 1e-3) / 1e9
+                    gbps, pct, extra = common.bandwidth(nbytes, ms, device, copy_bw)
+                    pct_mm = 100 * tflops / mm
+                    if pct_mm > 100:  # the measured matmul is not this device's peak: say so
+                        extra["matmul"] = f"{pct_mm:.0f} % of the measured matmul rate"
+                        pct_mm = None
                     rows.append(common.Row("attention", shape, str(dtype).replace("torch.", ""),
-                                           dev_name, name, ms, gbps=gbps,
-                                           pct_copy_bw=100 * gbps / copy_bw, tflops=tflops,
-                                           pct_matmul=100 * tflops / mm))
+                                           dev_name, name, ms, gbps=gbps, pct_copy_bw=pct,
+                                           tflops=tflops, pct_matmul=pct_mm, extra=extra))
 
     def best_sdpa(group):
         sdpa = [r for r in group if r.provider.startswith("sdpa")]

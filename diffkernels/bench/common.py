@@ -7,6 +7,7 @@ device name the row carries.
 """
 import datetime
 import functools
+import glob
 import json
 import os
 import platform
@@ -46,25 +47,49 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def last_level_cache_bytes(default=32 * 2**20):
+    """The CPU's largest cache (sysfs), or default when it cannot be read."""
+    sizes = []
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(index) as f:
+                text = f.read().strip().upper()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            pass
+    return max(sizes) if sizes else default
+
+
 @functools.lru_cache(None)
 def _flush_buffer(device_str):
-    # Larger than any L2 (H100: 50 MB): writing it between repeats evicts the inputs, so the
-    # figures are memory figures, not cache figures.
-    return torch.empty(256 * 2**20, dtype=torch.uint8, device=device_str)
+    # Writing it between repeats evicts the inputs, so the figures are memory figures, not
+    # cache figures: larger than any L2 on GPUs (H100: 50 MB), twice the last-level cache on
+    # CPUs.
+    if device_str.startswith("cuda"):
+        return torch.empty(256 * 2**20, dtype=torch.uint8, device=device_str)
+    return torch.empty(2 * last_level_cache_bytes(), dtype=torch.uint8)
 
 
 def median_ms(fn, device: torch.device, *, warmup: int = 3, min_reps: int = 5,
-              max_reps: int = 100, budget_s: float = 1.0) -> float:
-    """Median wall time of fn() in ms: CUDA events with an L2 flush before each repeat on GPUs,
-    perf_counter on CPUs. Repeats until budget_s is spent (at least min_reps)."""
+              max_reps: int = 100, budget_s: float = 1.0, flush: bool = None) -> float:
+    """Median wall time of fn() in ms: CUDA events on GPUs, perf_counter on CPUs. flush (default:
+    on GPUs) writes a buffer larger than the caches before each repeat, outside the timed region,
+    as triton.testing.do_bench does. On CPUs it is off by default: after a 10 ms flush the
+    worker threads have gone to sleep and their wake-up dominates a small op; `bandwidth`
+    labels the rows whose data then stay in cache instead. Repeats until budget_s is spent (at
+    least min_reps)."""
+    if flush is None:
+        flush = device.type == "cuda"
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        if flush:
+            _flush_buffer(str(device)).add_(1)
         if device.type == "cuda":
-            _flush_buffer(str(device)).zero_()
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn()
@@ -93,11 +118,25 @@ def copy_bandwidth_gbs(device_str: str) -> float:
 def matmul_tflops(device_str: str, dtype: torch.dtype) -> float:
     """Measured dense matmul rate (TFLOP/s) for dtype: the compute roofline for attention."""
     device = torch.device(device_str)
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048  # smaller ones miss the peak (1024: -25 %)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = median_ms(lambda: a @ b, device, budget_s=1.0)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bandwidth(nbytes, ms, device, copy_bw):
+    """(GB/s, % of the measured copy bandwidth or None, extra) of a row moving nbytes in ms.
+    A CPU working set smaller than the last-level cache stays there between repeats: labelled
+    cache-resident, no % (it is not a DRAM figure). Any figure above 100 % is labelled the same
+    way rather than printed: it means the data did not come from memory."""
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    pct = 100 * gbps / copy_bw
+    if device.type != "cuda" and nbytes < last_level_cache_bytes():
+        return gbps, None, {"cache": "resident (working set < last-level cache)"}
+    if pct > 100:
+        return gbps, None, {"cache": "resident (above the copy bandwidth)"}
+    return gbps, pct, {}
 
 
 @dataclass
@@ -175,6 +214,28 @@ def write_results(rows, outdir, name, title, device, notes=()):
     with open(os.path.join(outdir, f"{name}.md"), "w") as f:
         f.write(md)
     return md
+
+
+def random_model(cls, config, device="cpu", dtype=torch.float32, seed=0):
+    """cls(**config) with random weights, made on the meta device and filled in place: seconds
+    instead of the half minute a full-size UNet's own initialisers take on a CPU. Matrices and
+    kernels ~ N(0, 1/fan_in) (activations keep their scale through the depth), norm weights 1,
+    biases N(0, 0.02)."""
+    with torch.device("meta"):
+        model = cls(**config)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, (p[0].numel()) ** -0.5, generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        if any(True for _ in model.buffers()):
+            raise ValueError(f"{cls.__name__}: random_model cannot fill buffers")
+    return model.to(dtype).eval()
 
 
 def default_outdir(device):

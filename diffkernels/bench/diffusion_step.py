@@ -106,13 +106,12 @@ def run(device, dtypes=None, quick=False, batches=(1, 2, 4), compile_baseline=Tr
                         except Exception as e:  # noqa: BLE001
                             print(f"  {name} {shape}: skipped ({type(e).__name__}: {e})"[:200])
                             continue
-                        extra = {}
+                        gbps, pct, extra = common.bandwidth(nbytes, ms, device, copy_bw)
                         if device.type == "cuda":
                             extra["kernel_launches"] = _kernel_launches(fn)
-                        gbps = nbytes / (ms * 1e-3) / 1e9
                         rows.append(common.Row("diffusion_step", shape, str(dtype).replace("torch.", ""),
                                                dev_name, name, ms, gbps=gbps,
-                                               pct_copy_bw=100 * gbps / copy_bw, extra=extra))
+                                               pct_copy_bw=pct, extra=extra))
     return common.finish_ratios(rows, lambda group: "diffusers")
 
 

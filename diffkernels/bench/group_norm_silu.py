@@ -64,10 +64,10 @@ def run(device, dtypes=None, quick=False, batches=(1, 2), compile_baseline=True)
                         except Exception as e:  # noqa: BLE001 - e.g. inductor unavailable
                             print(f"  {name} {shape}: skipped ({type(e).__name__}: {e})"[:200])
                             continue
-                        gbps = nbytes / (ms * 1e-3) / 1e9
+                        gbps, pct, extra = common.bandwidth(nbytes, ms, device, copy_bw)
                         rows.append(common.Row("group_norm_silu", shape, str(dtype).replace("torch.", ""),
                                                dev_name, name, ms, gbps=gbps,
-                                               pct_copy_bw=100 * gbps / copy_bw))
+                                               pct_copy_bw=pct, extra=extra))
     return common.finish_ratios(rows, lambda group: "eager")
 
 

@@ -78,11 +78,7 @@ def _models(label, cfg, device, dtype):
     from diffkernels.models import AutoencoderKL, UNet2DConditionModel
     ref_cls, our_cls = ((diffusers.AutoencoderKL, AutoencoderKL) if label == "vae" else
                         (diffusers.UNet2DConditionModel, UNet2DConditionModel))
-    torch.manual_seed(0)
-    ref = ref_cls(**cfg).to(device)
-    if dtype != torch.float32:
-        ref = ref.to(dtype)
-    ref.eval()
+    ref = common.random_model(ref_cls, cfg, device, dtype)
     with torch.device("meta"):
         ours = our_cls.from_config(dict(ref.config))
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)

@@ -8,7 +8,8 @@ a device step counter that the graph itself increments: timesteps [N], the fused
 coefficients [N, 11] (diffusion_step reads them from device memory) and the noise [N, ...],
 drawn before the loop from the caller's generator in the order the plain loop draws it, so the
 result equals the plain loop's. Steps with and without noise (DDPM's last step) are two
-captures sharing one memory pool.
+captures sharing one memory pool; the tables are sized for the scheduler's training steps, so
+another step count needs no new capture.
 
 On a CPU the same static-buffer step runs uncaptured: the code path that is captured on a GPU,
 testable here (no host reads, the same buffers every step, the plain loop's result).
@@ -22,23 +23,23 @@ from ..ops.diffusion_step import diffusion_step
 
 class GraphedDenoiser:
     """Static buffers and captured graphs for one (latent shape, embeddings shape, dtype, CFG,
-    guidance, number of steps, noise pattern, variance mode, clip range, dk backend)."""
+    guidance, variance mode, clip range, dk backend). The step tables hold up to max_steps
+    rows, so a change of the step count re-captures nothing (a noise table that must grow
+    re-captures the noisy step only)."""
 
-    def __init__(self, unet, latents, prompt_embeds, plan, guidance_scale, do_cfg, capture):
+    def __init__(self, unet, latents, prompt_embeds, plan, guidance_scale, do_cfg, capture,
+                 max_steps):
         device = latents.device
         self.unet, self.do_cfg, self.guidance = unet, do_cfg, float(guidance_scale)
         self.variance_mode, self.clip_range = plan.variance_mode, plan.clip_range
-        self.noise_steps = list(plan.noise_steps)
         self.latents = torch.empty_like(latents, memory_format=torch.contiguous_format)
         self.prompt_embeds = prompt_embeds.clone()
         self.step_index = torch.zeros(1, dtype=torch.int64, device=device)
-        self.timesteps = torch.empty(len(plan.timesteps), dtype=torch.int64, device=device)
-        self.coeffs = torch.empty(len(plan.coeffs), 11, dtype=torch.float32, device=device)
-        self.noise = None
-        if any(self.noise_steps):
-            self.noise = torch.zeros((len(plan.timesteps), *latents.shape), dtype=latents.dtype,
-                                     device=device)
-        self.graphs = {}  # with_noise -> torch.cuda.CUDAGraph
+        self.timesteps = torch.zeros(max_steps, dtype=torch.int64, device=device)
+        self.coeffs = torch.zeros(max_steps, 11, dtype=torch.float32, device=device)
+        self.noise = None      # [steps, *latents.shape], allocated when a plan needs noise
+        self.noise_steps = []  # of the loaded plan
+        self.graphs = {}       # with_noise -> torch.cuda.CUDAGraph
         self.capture = capture
         self.captures = 0
         self.backend = get_backend()  # the kernels a capture holds
@@ -48,9 +49,8 @@ class GraphedDenoiser:
                 and latents.dtype == self.latents.dtype and latents.device == self.latents.device
                 and tuple(prompt_embeds.shape) == tuple(self.prompt_embeds.shape)
                 and prompt_embeds.dtype == self.prompt_embeds.dtype
-                and len(plan.timesteps) == len(self.timesteps) and do_cfg == self.do_cfg
+                and len(plan.timesteps) <= len(self.timesteps) and do_cfg == self.do_cfg
                 and float(guidance_scale) == self.guidance
-                and list(plan.noise_steps) == self.noise_steps
                 and plan.variance_mode == self.variance_mode
                 and plan.clip_range == self.clip_range)
 
@@ -87,11 +87,18 @@ class GraphedDenoiser:
 
     def load(self, latents, prompt_embeds, plan, generator):
         """Fills the static buffers for one sampling run (host -> device copies, before the
-        loop) and draws the noise of every noisy step in the plain loop's order."""
-        self.timesteps.copy_(torch.tensor(plan.timesteps, dtype=torch.int64))
-        self.coeffs.copy_(torch.tensor(plan.coeffs, dtype=torch.float64).float())
+        loop), draws the noise of every noisy step in the plain loop's order, and captures
+        the graphs this plan needs that are not captured yet."""
+        n = len(plan.timesteps)
+        self.noise_steps = list(plan.noise_steps)
+        self.timesteps[:n].copy_(torch.tensor(plan.timesteps, dtype=torch.int64))
+        self.coeffs[:n].copy_(torch.tensor(plan.coeffs, dtype=torch.float64).float())
         self.prompt_embeds.copy_(prompt_embeds)
-        if self.noise is not None:
+        if any(self.noise_steps):
+            if self.noise is None or len(self.noise) < n:  # a new table: re-capture its step
+                self.graphs.pop(True, None)
+                self.noise = torch.zeros((n, *latents.shape), dtype=latents.dtype,
+                                         device=latents.device)
             for i, noisy in enumerate(self.noise_steps):
                 if noisy:
                     self.noise[i].copy_(randn_tensor(tuple(latents.shape), generator,

@@ -248,7 +248,8 @@ class StableDiffusionPipeline:
             graphed = self._graphed = None  # frees the old graphs' memory first
             graphed = self._graphed = GraphedDenoiser(
                 self.unet, latents, prompt_embeds, plan, guidance_scale, do_cfg,
-                capture=latents.device.type == "cuda")
+                capture=latents.device.type == "cuda",
+                max_steps=max(len(plan.timesteps), self.scheduler.config.num_train_timesteps))
         graphed.load(latents, prompt_embeds, plan, generator)
         marks.restart()
         with self.progress_bar(total=len(plan.timesteps)) as bar:
@@ -293,7 +294,7 @@ class StableDiffusionPipeline:
         guidance_scale > 1 enables classifier-free guidance.
 
         cuda_graph=True: the denoising step (UNet on the CFG batch + the fused CFG/scheduler
-        step) is captured once per (resolution, batch, dtype, steps, guidance) and replayed
+        step) is captured once per (resolution, batch, dtype, guidance) and replayed
         for every step, the same result as the plain loop (pipelines/_graph.py). Needs
         diffkernels' DDIM/DDPM scheduler; changes of the weights in place are seen by the
         replay, new parameter tensors need reset_cuda_graph(). On a CPU the same static-buffer
