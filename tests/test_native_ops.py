@@ -29,11 +29,17 @@ def _step_args():
             COEFFS, 0, 0.0, 7.5, True)
 
 
+def _step_args_device_coeffs():  # the coefficients in a tensor (a CUDA-graph replay's step)
+    return _step_args()[:4] + ([],) + _step_args()[5:] + (torch.ones(11),)
+
+
 OPS = {
     "group_norm_silu": (torch.ops.diffkernels.group_norm_silu.default, _gn_args),
     "attention": (torch.ops.diffkernels.attention.default, _attn_args),
     "diffusion_step": (torch.ops.diffkernels.diffusion_step.default, _step_args),
 }
+CALLS = {**OPS, "diffusion_step_device_coeffs": (torch.ops.diffkernels.diffusion_step.default,
+                                                 _step_args_device_coeffs)}
 
 # (op, argument index, replacement): each breaks one check of csrc/<op>.cpp.
 BAD = [
@@ -69,6 +75,9 @@ BAD = [
     ("diffusion_step", 5, 3),
     ("diffusion_step", 5, 1),
     ("diffusion_step", 6, -1.0),
+    ("diffusion_step_device_coeffs", 4, [1.0] * 11),
+    ("diffusion_step_device_coeffs", 9, torch.ones(10)),
+    ("diffusion_step_device_coeffs", 9, torch.ones(11, dtype=torch.float64)),
 ]
 
 
@@ -82,7 +91,7 @@ def _error(fn):
 
 @pytest.mark.parametrize("op_name,index,bad", BAD, ids=[f"{o}-{i}-{n}" for n, (o, i, _) in enumerate(BAD)])
 def test_cpp_checks_and_fake_kernel_raise_the_same_error(op_name, index, bad):
-    op, make = OPS[op_name]
+    op, make = CALLS[op_name]
     args = list(make())
     args[index] = bad
     real = _error(lambda: op(*args))
