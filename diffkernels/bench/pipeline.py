@@ -369,8 +369,8 @@ def run(device, quick=False, reps=None, cases=None, first_step=None, compile_bas
             rows.append(common.Row("pipeline", f"{label} {px}x{px} B1 CFG {n_long} steps",
                                    str(dtype).replace("torch.", ""), dev_name, name,
                                    med[(name, n_long)], extra=extra))
-        for r in rows[-len(live):]:
-            if base_step and r.extra["step_ms"] > 0:
+        for r in rows[-len(live):]:  # (a step time <= 0: noise beat the method; no ratio)
+            if base_step and base_step > 0 and r.extra["step_ms"] > 0:
                 r.extra["it_s_ratio"] = round(base_step / r.extra["step_ms"], 2)
         for name, kinds in breakdown.items():
             notes.append(f"{label} {px}px, one denoising step of {name} (UNet batch 2 + "
