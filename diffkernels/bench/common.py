@@ -47,6 +47,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+@functools.lru_cache(None)
 def last_level_cache_bytes(default=32 * 2**20):
     """The CPU's largest cache (sysfs), or default when it cannot be read."""
     sizes = []
@@ -63,33 +64,26 @@ def last_level_cache_bytes(default=32 * 2**20):
 
 @functools.lru_cache(None)
 def _flush_buffer(device_str):
-    # Writing it between repeats evicts the inputs, so the figures are memory figures, not
-    # cache figures: larger than any L2 on GPUs (H100: 50 MB), twice the last-level cache on
-    # CPUs.
-    if device_str.startswith("cuda"):
-        return torch.empty(256 * 2**20, dtype=torch.uint8, device=device_str)
-    return torch.empty(2 * last_level_cache_bytes(), dtype=torch.uint8)
+    # Larger than any L2 (H100: 50 MB): writing it between repeats evicts the inputs, so the
+    # figures are memory figures, not cache figures.
+    return torch.empty(256 * 2**20, dtype=torch.uint8, device=device_str)
 
 
 def median_ms(fn, device: torch.device, *, warmup: int = 3, min_reps: int = 5,
-              max_reps: int = 100, budget_s: float = 1.0, flush: bool = None) -> float:
-    """Median wall time of fn() in ms: CUDA events on GPUs, perf_counter on CPUs. flush (default:
-    on GPUs) writes a buffer larger than the caches before each repeat, outside the timed region,
-    as triton.testing.do_bench does. On CPUs it is off by default: after a 10 ms flush the
-    worker threads have gone to sleep and their wake-up dominates a small op; `bandwidth`
-    labels the rows whose data then stay in cache instead. Repeats until budget_s is spent (at
-    least min_reps)."""
-    if flush is None:
-        flush = device.type == "cuda"
+              max_reps: int = 100, budget_s: float = 1.0) -> float:
+    """Median wall time of fn() in ms: CUDA events with an L2 flush before each repeat on GPUs
+    (outside the timed region, as triton.testing.do_bench does), perf_counter on CPUs. CPUs are
+    not flushed: after a 10 ms flush the worker threads have gone to sleep and their wake-up
+    dominates a small op; `bandwidth` labels the rows whose data stay in cache instead.
+    Repeats until budget_s is spent (at least min_reps)."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
     start = time.perf_counter()
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        if flush:
-            _flush_buffer(str(device)).add_(1)
         if device.type == "cuda":
+            _flush_buffer(str(device)).zero_()
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             fn()

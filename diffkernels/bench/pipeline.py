@@ -182,7 +182,7 @@ def providers_for(ours, ref, device, compile_baseline=True):
             out["diffkernels+cuda-graph"] = pipe_call(ours, cuda_graph=True)
     out["diffusers"] = pipe_call(ref)
     if compile_baseline:
-        compiled = type(ref)(**{**ref.components, "unet": ref.unet})
+        compiled = type(ref)(**ref.components)  # the same modules, its UNet compiled
         compiled.unet = common.compiled(ref.unet)
         if compiled.unet is not None:
             compiled.set_progress_bar_config(disable=True)

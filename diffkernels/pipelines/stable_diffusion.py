@@ -232,8 +232,8 @@ class StableDiffusionPipeline:
             return step(noise_pred, t, latents, return_dict=False, **extra)[0]
         return run
 
-    def _denoise_graphed(self, latents, prompt_embeds, guidance_scale, do_cfg, eta, generator,
-                         marks):
+    def _denoise_graphed(self, latents, prompt_embeds, guidance_scale, do_cfg, eta, generator):
+        """(latents, the loop's _StepClock) of the cuda_graph=True loop."""
         plan_of = getattr(self.scheduler, "sampling_plan", None)
         if plan_of is None:
             raise ValueError(f"cuda_graph: needs diffkernels' DDIMScheduler or DDPMScheduler "
@@ -245,18 +245,19 @@ class StableDiffusionPipeline:
         graphed = self._graphed
         if graphed is None or graphed.unet is not self.unet or not graphed.key_matches(
                 latents, prompt_embeds, plan, guidance_scale, do_cfg):
-            graphed = self._graphed = None  # frees the old graphs' memory first
+            self._graphed = None  # frees the old graphs' memory first
             graphed = self._graphed = GraphedDenoiser(
                 self.unet, latents, prompt_embeds, plan, guidance_scale, do_cfg,
                 capture=latents.device.type == "cuda",
                 max_steps=max(len(plan.timesteps), self.scheduler.config.num_train_timesteps))
         graphed.load(latents, prompt_embeds, plan, generator)
-        marks.restart()
-        with self.progress_bar(total=len(plan.timesteps)) as bar:
+        n = len(plan.timesteps)
+        marks = _StepClock(latents.device, steps_per_mark=n)  # the loop alone, no capture
+        with self.progress_bar(total=n) as bar:
             latents = graphed.run().clone()
-            marks.mark_even(len(plan.timesteps))
-            bar.update(len(plan.timesteps))  # once: the loop does nothing but replay
-        return latents
+            marks.mark()
+            bar.update(n)  # once: the loop does nothing but replay
+        return latents, marks
 
     def reset_cuda_graph(self):
         """Drops the captured graphs and their buffers (the next cuda_graph=True call
@@ -321,19 +322,18 @@ class StableDiffusionPipeline:
         t_text = time.perf_counter()
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width,
                                        prompt_embeds.dtype, device, generator, latents)
-        step = self._step_fn(float(guidance_scale), do_cfg, eta, generator)
-        scale_input = getattr(self.scheduler, "scale_model_input", None)
-        # Read once before the loop (the only device read): host ints go to the scheduler
-        # (a dict lookup) and the UNet (a fill on the device), so the loop never syncs.
-        host_timesteps = timesteps.tolist()
-        marks = _StepClock(device)
         if cuda_graph:
-            latents = self._denoise_graphed(latents, prompt_embeds, guidance_scale, do_cfg, eta,
-                                            generator, marks)
+            latents, marks = self._denoise_graphed(latents, prompt_embeds, guidance_scale,
+                                                   do_cfg, eta, generator)
         else:
+            step = self._step_fn(float(guidance_scale), do_cfg, eta, generator)
+            scale_input = getattr(self.scheduler, "scale_model_input", None)
+            # Read once before the loop (the only device read): host ints go to the scheduler
+            # (a dict lookup) and the UNet (a fill on the device), so the loop never syncs.
+            host_timesteps = self.scheduler.timesteps.tolist()
+            marks = _StepClock(device)
             with self.progress_bar(total=len(host_timesteps)) as bar:
                 for t in host_timesteps:
                     model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -365,22 +365,14 @@ class _StepClock:
     """Per-step wall times without syncing inside the loop: CUDA events recorded after each
     step and read once at the end; perf_counter on the CPU."""
 
-    def __init__(self, device):
-        self.device, self._even = device, None
+    def __init__(self, device, steps_per_mark=1):
+        self.steps_per_mark = steps_per_mark  # > 1: marks around n steps run without the host
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.events = [torch.cuda.Event(enable_timing=True)]
             self.events[0].record()
         else:
             self.times = [time.perf_counter()]
-
-    def restart(self):
-        self.__init__(self.device)
-
-    def mark_even(self, n):
-        """One mark for n steps run without the host (a graph replay): each gets 1/n."""
-        self.mark()
-        self._even = n
 
     def mark(self):
         if self.cuda:
@@ -396,5 +388,5 @@ class _StepClock:
             out = [a.elapsed_time(b) / 1e3 for a, b in zip(self.events, self.events[1:])]
         else:
             out = [float(d) for d in np.diff(self.times)]
-        n = self._even
-        return [out[0] / n] * n if n else out
+        n = self.steps_per_mark
+        return [d / n for d in out for _ in range(n)]

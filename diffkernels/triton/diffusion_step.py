@@ -156,8 +156,9 @@ def _specialize(value):
 def compile_specs():
     """Every constexpr variant the launcher can pick, for fp16/bf16/fp32 (3 x cfg 2 x
     noise/variance 4 x clip/threshold 3 = 72, plus the device-coefficient variants of the
-    unclipped steps a CUDA-graph sampling loop runs, 3 x 2 x 4 = 24), as dicts {name, fn, signature, constexprs, attrs,
-    num_warps, num_stages} for diffkernels.triton._compile.compile_spec. Arguments are
+    unclipped steps a CUDA-graph sampling loop runs, 3 x 2 x 4 = 24), as dicts {name, fn,
+    signature, constexprs, attrs, num_warps, num_stages} for
+    diffkernels.triton._compile.compile_spec. Arguments are
     specialised as a launch on an SD latent ([2, 4, 64, 64]) would be."""
     specs = []
     kernel = _diffusion_step_kernel
